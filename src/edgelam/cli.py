@@ -1,0 +1,152 @@
+"""The ``edgelam`` command: run | ls | plot. Each subcommand is a typed function, usable from Python too."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgelam.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
+console = Console()
+err = Console(stderr=True)
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
+    if args and "=" not in args[0]:
+        return Path(args[0]), args[1:]
+    return None, args
+
+
+def _resolve(cfg: RunConfig) -> RunConfig:
+    from edgelam.data.build import resolve_auto
+
+    data, line = resolve_auto(cfg.data)
+    console.print(line or f"data: {cfg.data.source}" + (f" ({cfg.data.path or ', '.join(cfg.data.files)})"
+                                                          if cfg.data.path or cfg.data.files else ""))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("loss {task.fields[loss]}  sim {task.fields[sim]}  up {task.fields[up]}  down {task.fields[down]}"),
+        TimeElapsedColumn(), console=console,
+    )
+
+
+def run_experiment(config: Path | None, overrides: list[str], out: Path | None = None, resume: Path | None = None) -> dict[str, Any]:
+    """Run a config (or resume a run folder) with a progress bar; print the summary table."""
+    from edgelam.fl.orchestrator import run
+    from edgelam.report import summary_table
+
+    if resume is not None:
+        if config is not None or overrides:
+            raise ConfigError("--resume takes the run folder only; its config.yaml is used as saved")
+        if not (resume / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; is it an EdgeLAM run folder?")
+        cfg, out_dir = load_config(resume / "config.yaml"), resume
+        console.print(f"resuming {out_dir}")
+    else:
+        if config is None:
+            raise ConfigError("give a config file, e.g. `edgelam run configs/tiny.yaml`, or --resume RUN_DIR")
+        cfg = _resolve(load_config(config, overrides))
+        out_dir = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"--out {out_dir} already holds a run; resume it with `edgelam run --resume {out_dir}` "
+                              f"or choose another folder")
+    with _progress() as bar:
+        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 MB", down="0 MB")
+
+        def on_start(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        def on_round(row: dict[str, Any]) -> None:
+            loss = row["eval_loss"] if row["eval_loss"] is not None else row["train_loss"]
+            bar.update(task, advance=1, loss=f"{loss:.3f}", sim=f"{row['sim_time_s']:.1f}s",
+                       up=f"{row['bytes_up_total'] / 1e6:.1f} MB", down=f"{row['bytes_down_total'] / 1e6:.1f} MB")
+
+        summary = run(cfg, out_dir, resume=resume is not None, on_round=on_round, on_start=on_start)
+    console.print(summary_table(summary))
+    console.print(f"run folder: {out_dir}\nadapter (PEFT format): {summary['adapter']}\nplots: {summary['plot']}")
+    return summary
+
+
+@app.command("run")
+def run_cmd(
+    args: Optional[list[str]] = typer.Argument(None, help="CONFIG.yaml followed by key=value overrides"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<name>-<time>)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run folder from its last round"),
+) -> None:
+    """Run an experiment from a YAML config: `edgelam run configs/tiny.yaml fl.rounds=5 --out runs/x`."""
+    config, overrides = _split_args(args or [])
+    _guard(lambda: run_experiment(config, overrides, out, resume))
+
+
+@app.command("ls")
+def ls_cmd() -> None:
+    """List strategies, models, data sets found under $EDGELAM_DATA, and shipped configs."""
+    from edgelam.data.sources import data_root
+    from edgelam.data.synthetic import TASKS
+    from edgelam.fl.strategies import DESCRIPTIONS
+    from edgelam.models.load import MODELS
+
+    console.print("[bold]strategies[/] (fl.strategy)")
+    for k, v in DESCRIPTIONS.items():
+        console.print(f"  {k:10s} {v}")
+    console.print("[bold]models[/] (model.name)")
+    for k, v in MODELS.items():
+        console.print(f"  {k:18s} {v}")
+    root = data_root()
+    console.print(f"[bold]data sets[/] under EDGELAM_DATA={root}")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    console.print("  " + (", ".join(found) if found else "(none found)"))
+    console.print(f"  synthetic tasks: {', '.join(TASKS)}")
+    console.print(f"[bold]configs[/] ({CONFIGS_DIR})")
+    for p in sorted(CONFIGS_DIR.glob("*.yaml")):
+        first = p.read_text().splitlines()[0].lstrip("# ") if p.stat().st_size else ""
+        console.print(f"  {p.name:24s} {first}")
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="one or more run folders"),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="image file to write"),
+) -> None:
+    """Plot loss and perplexity against round and simulated time for several runs on one figure."""
+    from edgelam.report import plot_runs
+
+    _guard(lambda: console.print(f"wrote {plot_runs(run_dirs, out)}"))
+
+
+def _guard(fn: Any) -> None:
+    """Turn known bad-input errors into one clear line and exit code 2 (EDGELAM_DEBUG=1 shows tracebacks)."""
+    from edgelam.data.sources import DataError
+    from edgelam.models.load import ModelLoadError
+
+    try:
+        fn()
+    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as exc:
+        if os.environ.get("EDGELAM_DEBUG"):
+            raise
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

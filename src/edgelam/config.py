@@ -1,0 +1,341 @@
+"""Typed, frozen run configuration: YAML + ``key=value`` overrides, validated on construction.
+
+Every section is a frozen dataclass; ``load_config`` builds them from a plain dict and reports
+unknown keys, wrong types and impossible values with the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule} (got {value!r})")
+
+
+def _one_of(value: Any, key: str, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    _require(value in allowed, key, f"must be one of {allowed}", value)
+
+
+# --- sections ---
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "model.lora.r", "must be >= 1", self.r)
+        _require(self.alpha > 0, "model.lora.alpha", "must be > 0", self.alpha)
+        _require(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+        _require(len(self.target_modules) > 0, "model.lora.target_modules", "must name at least one module", self.target_modules)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "tiny" (random 2-layer model for tests), "smollm2" (bundled SmolLM2-135M-Instruct GGUF),
+    # a Hugging Face id, a local model folder, or a path to a .gguf file.
+    name: str = "tiny"
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, "model.dtype", ["float32", "bfloat16", "float16"])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # auto (dolly if found, else synthetic) | synthetic | dolly | files | hf
+    source: str = "synthetic"
+    # dolly: folder or file (relative paths resolve against $EDGELAM_DATA); files: list of paths
+    path: str | None = None
+    files: tuple[str, ...] = ()
+    format: str = "auto"
+    hf_name: str | None = None
+    hf_split: str = "train"
+    tasks: tuple[str, ...] = ()  # synthetic task families (empty = all)
+    examples_per_task: int = 200  # synthetic
+    num_clients: int = 3
+    # iid | dirichlet | by_task | presplit
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    client_tasks: tuple[tuple[str, ...], ...] = ()  # by_task: tasks of client i
+    max_examples_per_client: int | None = None
+    heldout_fraction: float = 0.1  # per-client held-out evaluation share
+    global_eval_per_task: int = 10
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf"])
+        _one_of(self.partition, "data.partition", ["iid", "dirichlet", "by_task", "presplit"])
+        _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt"])
+        _require(self.num_clients >= 1, "data.num_clients", "must be >= 1", self.num_clients)
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", self.dirichlet_alpha)
+        _require(0 <= self.heldout_fraction < 1, "data.heldout_fraction", "must be in [0, 1)", self.heldout_fraction)
+        _require(self.max_length >= 16, "data.max_length", "must be >= 16 tokens", self.max_length)
+        _require(self.examples_per_task >= 1, "data.examples_per_task", "must be >= 1", self.examples_per_task)
+        _require(self.global_eval_per_task >= 1, "data.global_eval_per_task", "must be >= 1", self.global_eval_per_task)
+        if self.max_examples_per_client is not None:
+            _require(self.max_examples_per_client >= 1, "data.max_examples_per_client", "must be >= 1 or null", self.max_examples_per_client)
+        if self.source == "files":
+            _require(len(self.files) > 0, "data.files", "must list at least one file when data.source is 'files'", self.files)
+        if self.source == "hf":
+            _require(bool(self.hf_name), "data.hf_name", "must name a Hugging Face dataset when data.source is 'hf'", self.hf_name)
+        if self.partition == "presplit":
+            _require(self.source in ("dolly", "auto"), "data.partition", "'presplit' needs data.source 'dolly' (its client files)", self.source)
+        if self.client_tasks:
+            _require(len(self.client_tasks) == self.num_clients, "data.client_tasks",
+                     f"must have one task list per client ({self.num_clients})", len(self.client_tasks))
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    # Path loss: macro (128.1 + 37.6 log10 d_km), uma or umi (3GPP TR 38.901 Table 7.4.1-1).
+    path_loss: str = "macro"
+    carrier_ghz: float = 3.5
+    cell_radius_m: float = 500.0
+    min_distance_m: float = 10.0
+    bs_height_m: float = 25.0
+    ut_height_m: float = 1.5
+    shadowing_db: float = 8.0
+    fading: str = "rayleigh"  # rayleigh | none
+    uplink_bandwidth_hz: float = 10e6
+    downlink_bandwidth_hz: float = 20e6
+    device_tx_power_dbm: tuple[float, float] = (23.0, 23.0)  # uniform range
+    server_tx_power_dbm: float = 43.0
+    noise_psd_dbm_hz: float = -174.0
+    noise_figure_db: float = 7.0
+    device_cpu_hz: tuple[float, float] = (0.5e9, 2.0e9)  # uniform range
+    device_flops_per_cycle: float = 16.0
+    device_memory_gb: tuple[float, float] = (4.0, 8.0)
+    kappa: float = 1e-28  # effective switched capacitance (J/cycle/Hz^2)
+    num_edge_servers: int = 1
+    server_tier: str = "edge"  # where the aggregator runs: edge | cloud
+    backhaul_bps: float = 1e9
+    backhaul_latency_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        _one_of(self.path_loss, "net.path_loss", ["macro", "uma", "umi"])
+        _one_of(self.fading, "net.fading", ["rayleigh", "none"])
+        _one_of(self.server_tier, "net.server_tier", ["edge", "cloud"])
+        for key in ("carrier_ghz", "cell_radius_m", "min_distance_m", "uplink_bandwidth_hz", "downlink_bandwidth_hz",
+                    "device_flops_per_cycle", "kappa", "backhaul_bps", "bs_height_m", "ut_height_m"):
+            _require(getattr(self, key) > 0, f"net.{key}", "must be > 0", getattr(self, key))
+        _require(self.min_distance_m < self.cell_radius_m, "net.min_distance_m", "must be < net.cell_radius_m", self.min_distance_m)
+        _require(self.shadowing_db >= 0, "net.shadowing_db", "must be >= 0", self.shadowing_db)
+        _require(self.backhaul_latency_s >= 0, "net.backhaul_latency_s", "must be >= 0", self.backhaul_latency_s)
+        _require(self.num_edge_servers >= 1, "net.num_edge_servers", "must be >= 1", self.num_edge_servers)
+        for key in ("device_tx_power_dbm", "device_cpu_hz", "device_memory_gb"):
+            lo, hi = getattr(self, key)
+            _require(lo <= hi, f"net.{key}", "must be a [low, high] range with low <= high", [lo, hi])
+        _require(self.device_cpu_hz[0] > 0, "net.device_cpu_hz", "must be > 0", self.device_cpu_hz)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 4  # optimizer steps per round (ignored when local_epochs is set)
+    local_epochs: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | linear | cosine (over one round's local steps)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    prox_mu: float = 0.0  # FedProx proximal coefficient (used by strategy fedprox)
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local_steps", "must be >= 1", self.local_steps)
+        if self.local_epochs is not None:
+            _require(self.local_epochs >= 1, "train.local_epochs", "must be >= 1 or null", self.local_epochs)
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1", self.grad_accum)
+        _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _one_of(self.schedule, "train.schedule", ["constant", "linear", "cosine"])
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        if self.max_grad_norm is not None:
+            _require(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0 or null", self.max_grad_norm)
+        _require(self.prox_mu >= 0, "train.prox_mu", "must be >= 0", self.prox_mu)
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    strategy: str = "fedavg"
+    rounds: int = 2
+    fraction: float = 1.0  # share of clients sampled each round
+    server_lr: float = 1.0  # fedavgm / fedadam
+    server_momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99
+    tau: float = 1e-3  # fedadam adaptivity
+
+    def __post_init__(self) -> None:
+        from edgelam.fl.strategies import STRATEGIES
+
+        _one_of(self.strategy, "fl.strategy", sorted(STRATEGIES))
+        _require(self.rounds >= 1, "fl.rounds", "must be >= 1", self.rounds)
+        _require(0 < self.fraction <= 1, "fl.fraction", "must be in (0, 1]", self.fraction)
+        _require(self.server_lr > 0, "fl.server_lr", "must be > 0", self.server_lr)
+        _require(0 <= self.server_momentum < 1, "fl.server_momentum", "must be in [0, 1)", self.server_momentum)
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "fl.beta1/beta2", "must be in [0, 1)", (self.beta1, self.beta2))
+        _require(self.tau > 0, "fl.tau", "must be > 0", self.tau)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate every N rounds (and always after the last)
+    batch_size: int = 8
+    max_per_task: int | None = None  # cap of global eval examples per task
+    client_heldout: bool = True  # also report the mean loss on clients' held-out data
+    generate: int = 0  # number of sample answers generated at the end
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "eval.every", "must be >= 1", self.every)
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _require(self.generate >= 0, "eval.generate", "must be >= 0", self.generate)
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        if self.max_per_task is not None:
+            _require(self.max_per_task >= 1, "eval.max_per_task", "must be >= 1 or null", self.max_per_task)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (null = torch default)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
+        if self.threads is not None:
+            _require(self.threads >= 1, "threads", "must be >= 1 or null", self.threads)
+
+
+# --- building from plain data ---
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    optional, tp = _is_optional(tp)
+    if value is None:
+        _require(optional, key, f"must not be null (expected {getattr(tp, '__name__', tp)})", value)
+        return None
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, "must be a mapping of settings", value)
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, "must be a list", value)
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _require(len(value) == len(args), key, f"must be a list of {len(args)} values", value)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        _require(isinstance(value, bool), key, "must be true or false", value)
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, "must be a string", value)
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown key '{where}'; allowed keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. fl.rounds=5")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> RunConfig:
+    merged = apply_overrides(data, overrides)
+    cfg: RunConfig = _build(RunConfig, merged)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``key=value`` overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found; `edgelam ls` lists the shipped configs")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of settings at the top level")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return typing.cast(dict[str, Any], plain(dataclasses.asdict(cfg)))

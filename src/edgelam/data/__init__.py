@@ -1,0 +1,1 @@
+"""Data: sources (real files, HF Hub), synthetic tasks, partitioners, chat formatting."""

@@ -1,0 +1,1 @@
+"""Federated orchestration: client training, aggregation rules, strategies and the one loop."""

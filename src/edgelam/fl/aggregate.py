@@ -1,0 +1,47 @@
+"""Aggregation rules as pure functions on adapter state dicts (name -> tensor)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+
+def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:
+    """sum_k w_k x_k / sum_k w_k, key by key (McMahan et al. 2017, FedAvg; FedIT averages A and B apart)."""
+    assert len(states) == len(weights) and states, "need one weight per state and at least one state"
+    total = float(sum(weights))
+    assert total > 0, f"weights must sum to > 0 (got {list(weights)})"
+    keys = states[0].keys()
+    for s in states[1:]:
+        assert s.keys() == keys, "all states must have the same keys"
+    return {k: sum((w / total) * s[k].double() for s, w in zip(states, weights)).to(states[0][k].dtype)  # type: ignore[union-attr]
+            for k in keys}
+
+
+def pseudo_gradient(global_state: State, average: State) -> State:
+    """Delta = x_global - avg(x_k): the server's descent direction (Reddi et al. 2021, Alg. 2)."""
+    return {k: global_state[k] - average[k] for k in global_state}
+
+
+def momentum_step(global_state: State, delta: State, velocity: State, lr: float, beta: float) -> tuple[State, State]:
+    """FedAvgM (Hsu et al. 2019): v <- beta v + Delta; x <- x - lr v."""
+    new_v = {k: beta * velocity[k] + delta[k] for k in delta}
+    return {k: global_state[k] - lr * new_v[k] for k in delta}, new_v
+
+
+def adam_step(global_state: State, delta: State, m: State, v: State, lr: float, beta1: float, beta2: float,
+              tau: float) -> tuple[State, State, State]:
+    """FedAdam (Reddi et al. 2021, Alg. 2): g = -Delta; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+    x <- x + lr m / (sqrt(v) + tau)."""
+    new_m = {k: beta1 * m[k] + (1 - beta1) * (-delta[k]) for k in delta}
+    new_v = {k: beta2 * v[k] + (1 - beta2) * delta[k] ** 2 for k in delta}
+    new_x = {k: global_state[k] + lr * new_m[k] / (torch.sqrt(new_v[k]) + tau) for k in delta}
+    return new_x, new_m, new_v
+
+
+def zeros_like(state: State) -> State:
+    return {k: torch.zeros_like(t) for k, t in state.items()}

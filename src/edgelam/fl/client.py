@@ -1,0 +1,97 @@
+"""A client's local LoRA training: AdamW, warm-up + schedule, clipping, accumulation, FedProx term."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+
+from edgelam.config import TrainConfig
+from edgelam.data.format import Encoded, collate
+from edgelam.models.flops import FlopModel, lora_train_flops
+from edgelam.models.lora import AdapterState, get_adapter_state, set_adapter_state
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client: int
+    state: AdapterState
+    num_samples: int
+    train_loss: float  # mean loss over the local steps
+    steps: int
+    tokens: int  # padded tokens processed (what the hardware computed)
+    flops: float
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> "callable[[int], float]":  # type: ignore[valid-type]
+    """Multiplier of the base lr at step s: linear warm-up, then constant / linear / cosine decay to 0."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def batches(data: list[Encoded], batch_size: int, generator: torch.Generator):  # type: ignore[no-untyped-def]
+    """Endless shuffled mini-batches, a new permutation each pass over the data."""
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [data[j] for j in order[i: i + batch_size]]
+
+
+def num_local_steps(cfg: TrainConfig, n: int) -> int:
+    if cfg.local_epochs is None:
+        return cfg.local_steps
+    return cfg.local_epochs * math.ceil(n / (cfg.batch_size * cfg.grad_accum))
+
+
+def local_train(model: PeftModel, global_state: AdapterState, data: list[Encoded], cfg: TrainConfig,
+                prox_mu: float, seed: int, pad_id: int, fm: FlopModel, client: int = 0) -> ClientUpdate:
+    """Start from ``global_state``, train on ``data``, return the new adapter state and what it cost."""
+    assert data, f"client {client} has no training data"
+    set_adapter_state(model, global_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
+    total = num_local_steps(cfg, len(data))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    stream = batches(data, cfg.batch_size, gen)
+    losses: list[float] = []
+    tokens, flops = 0, 0.0
+    model.train()
+    # --- local steps ---
+    for _ in range(total):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(stream), pad_id)
+            out = model(**batch)
+            loss: Tensor = out.loss / cfg.grad_accum
+            if prox_mu > 0:
+                loss = loss + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) / cfg.grad_accum
+            loss.backward()
+            step_loss += float(out.loss.detach()) / cfg.grad_accum
+            b, t = batch["input_ids"].shape
+            tokens += b * t
+            flops += lora_train_flops(fm, b * t, t)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(step_loss)
+    model.eval()
+    return ClientUpdate(client=client, state=get_adapter_state(model), num_samples=len(data),
+                        train_loss=sum(losses) / len(losses), steps=total, tokens=tokens, flops=flops)

@@ -1,0 +1,1 @@
+"""Base models (load), LoRA adapters (lora) and FLOP counting (flops)."""

@@ -1,0 +1,1 @@
+"""The wireless edge network: channel formulas, devices, topology and per-round costs."""
