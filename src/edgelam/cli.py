@@ -145,6 +145,16 @@ def _guard(fn: Any) -> None:
 
 
 def main() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # Library deprecation chatter is not for our users; EDGELAM_DEBUG=1 keeps it.
+    if not os.environ.get("EDGELAM_DEBUG"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     app()
 
 

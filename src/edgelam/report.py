@@ -39,7 +39,8 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
         axes[0, 0].plot(rounds, [r["eval_loss"] for r in ev], marker="o", label=label)
         axes[0, 1].plot(rounds, [r["eval_ppl"] for r in ev], marker="o", label=label)
         axes[1, 0].plot(times, [r["eval_loss"] for r in ev], marker="o", label=label)
-        axes[1, 1].plot([r["round"] for r in rows], [r["train_loss"] for r in rows], marker=".", label=label)
+        trained = [r for r in rows if r.get("train_loss") is not None]
+        axes[1, 1].plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker=".", label=label)
     titles = [("round", "eval loss"), ("round", "eval perplexity"), ("simulated time (s)", "eval loss"), ("round", "train loss")]
     for ax, (x, y) in zip(axes.flat, titles):
         ax.set_xlabel(x)
@@ -65,7 +66,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("rounds", str(summary["rounds"]))
-    t.add_row("eval loss (first eval -> final)", f"{summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
+    t.add_row("eval loss (round 0 -> final)", f"{summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
     t.add_row("eval perplexity (final)", f"{summary['final_eval_ppl']:.2f}")
     for task, v in sorted((summary.get("final_eval_tasks") or {}).items()):
         t.add_row(f"  ppl ({task})", f"{v['ppl']:.2f}")

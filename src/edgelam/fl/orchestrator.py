@@ -131,6 +131,13 @@ def metrics_row(ctx: Context, st: RunState, round_idx: int, res: RoundResult, wa
     }
 
 
+def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
+    zeros = {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0, "bytes_up_total": 0, "bytes_down_total": 0,
+             "energy_j_total": 0.0}
+    return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
+            "client_stats": [], "wall_s": 0.0, **evaluate(ctx, st)}
+
+
 def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
     from edgelam.models.lora import set_adapter_state
 
@@ -214,6 +221,10 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
             st = RunState(0, 0.0, g, ctx.strategy.init_state(g))
         rows = _trim_metrics(out / "metrics.jsonl", st.round)
         wall_before = rows[-1]["wall_s"] if rows else 0.0
+        if not rows:  # round 0: the untrained adapter, so every curve starts from the base model
+            rows.append(baseline_row(ctx, st))
+            atomic_write_text(out / "metrics.jsonl", to_json_line(rows[0]) + "\n")
+            save_checkpoint(ckpt, st)
         if on_start:
             on_start(st.round, cfg.fl.rounds)
         # --- rounds ---
