@@ -65,9 +65,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2,
+               attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A random Llama with ``layers`` blocks of width ``hidden``; same seed, same weights."""
     cfg = LlamaConfig(
+        attn_implementation=attn_implementation,
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
     )

@@ -1,0 +1,72 @@
+"""Aggregation rules against hand-computed values."""
+
+import pytest
+import torch
+
+from edgelam.fl import aggregate
+from edgelam.fl.strategies import STRATEGIES
+from edgelam.fl.strategies.base import sample_clients
+from edgelam.config import FLConfig, TrainConfig, ConfigError
+from edgelam.store import rng_for
+
+
+def test_weighted_average_by_samples():
+    a = {"w": torch.tensor([1.0, 2.0])}
+    b = {"w": torch.tensor([4.0, 8.0])}
+    # weights 1 and 3: (1*[1,2] + 3*[4,8]) / 4 = [13/4, 26/4]
+    out = aggregate.weighted_average([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([3.25, 6.5]))
+
+
+def test_weighted_average_rejects_mismatched_keys():
+    with pytest.raises(AssertionError, match="same keys"):
+        aggregate.weighted_average([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
+
+
+def test_fedavgm_two_steps():
+    x = {"w": torch.tensor([1.0])}
+    avg = {"w": torch.tensor([0.5])}  # Delta = 0.5
+    v0 = {"w": torch.tensor([0.0])}
+    x1, v1 = aggregate.momentum_step(x, aggregate.pseudo_gradient(x, avg), v0, lr=1.0, beta=0.9)
+    assert float(v1["w"]) == pytest.approx(0.5) and float(x1["w"]) == pytest.approx(0.5)
+    # second step, Delta = 0.5 - 0.25 = 0.25: v = 0.9*0.5 + 0.25 = 0.7; x = 0.5 - 0.7 = -0.2
+    x2, v2 = aggregate.momentum_step(x1, aggregate.pseudo_gradient(x1, {"w": torch.tensor([0.25])}), v1, 1.0, 0.9)
+    assert float(v2["w"]) == pytest.approx(0.7) and float(x2["w"]) == pytest.approx(-0.2)
+
+
+def test_fedadam_step():
+    x = {"w": torch.tensor([1.0])}
+    delta = aggregate.pseudo_gradient(x, {"w": torch.tensor([0.8])})  # 0.2
+    z = {"w": torch.tensor([0.0])}
+    x1, m1, v1 = aggregate.adam_step(x, delta, z, z, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    # m = 0.1 * (-0.2) = -0.02; v = 0.01 * 0.04 = 4e-4; x = 1 + 0.1 * (-0.02) / (0.02 + 0.001) = 0.904762
+    assert float(m1["w"]) == pytest.approx(-0.02)
+    assert float(v1["w"]) == pytest.approx(4e-4)
+    assert float(x1["w"]) == pytest.approx(1 - 0.002 / 0.021, rel=1e-5)
+
+
+def test_sample_clients_fraction():
+    rng = rng_for(0, 1)
+    picked = sample_clients(10, 0.3, rng)
+    assert len(picked) == 3 and len(set(picked)) == 3 and all(0 <= k < 10 for k in picked)
+    assert sample_clients(10, 0.01, rng_for(0, 2)) != []  # at least one
+
+
+class _U:
+    def __init__(self, w: float, n: int):
+        self.state, self.num_samples = {"w": torch.tensor([w])}, n
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_aggregates_towards_clients(name):
+    train = TrainConfig(prox_mu=0.1)
+    strat = STRATEGIES[name].from_config(FLConfig(strategy=name), train)
+    g = {"w": torch.tensor([0.0])}
+    state = strat.init_state(g)
+    new, _ = strat.aggregate(g, [_U(1.0, 1), _U(3.0, 1)], state)
+    assert float(new["w"]) > 0  # moves from 0 towards the clients' mean 2
+
+
+def test_fedprox_needs_mu():
+    with pytest.raises(ConfigError, match="train.prox_mu"):
+        STRATEGIES["fedprox"].from_config(FLConfig(strategy="fedprox"), TrainConfig())
