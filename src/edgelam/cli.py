@@ -18,7 +18,7 @@ from edgelam.config import ConfigError, RunConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
