@@ -37,7 +37,7 @@ def _one_of(value: Any, key: str, allowed: typing.Iterable[Any]) -> None:
 @dataclass(frozen=True)
 class LoraConfig:
     r: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +30,8 @@ def messages(ex: Example, with_answer: bool = True) -> list[dict[str, str]]:
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]], gen_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # newer transformers return a BatchEncoding
+    out: Any = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
     return [int(i) for i in out]
 

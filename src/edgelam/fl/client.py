@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class ClientUpdate:
     flops: float
 
 
-def lr_lambda(schedule: str, warmup: int, total: int) -> "callable[[int], float]":  # type: ignore[valid-type]
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the base lr at step s: linear warm-up, then constant / linear / cosine decay to 0."""
 
     def f(step: int) -> float:
@@ -42,7 +43,7 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> "callable[[int], float]
     return f
 
 
-def batches(data: list[Encoded], batch_size: int, generator: torch.Generator):  # type: ignore[no-untyped-def]
+def batches(data: list[Encoded], batch_size: int, generator: torch.Generator) -> Iterator[list[Encoded]]:
     """Endless shuffled mini-batches, a new permutation each pass over the data."""
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
@@ -77,13 +78,15 @@ def local_train(model: PeftModel, global_state: AdapterState, data: list[Encoded
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = collate(next(stream), pad_id)
-            out = model(**batch)
-            loss: Tensor = out.loss / cfg.grad_accum
+            batch = {k: v.to(model.device) for k, v in collate(next(stream), pad_id).items()}
+            # Keep only the loss: holding the model output (logits, (B, T, V)) into the next
+            # forward costs fresh allocations of ~100 MB per step on SmolLM2.
+            task_loss: Tensor = model(**batch).loss
+            loss = task_loss / cfg.grad_accum
             if prox_mu > 0:
                 loss = loss + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) / cfg.grad_accum
             loss.backward()
-            step_loss += float(out.loss.detach()) / cfg.grad_accum
+            step_loss += float(task_loss.detach()) / cfg.grad_accum
             b, t = batch["input_ids"].shape
             tokens += b * t
             flops += lora_train_flops(fm, b * t, t)

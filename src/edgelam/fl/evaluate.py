@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import typing
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ def loss_sum(model: PreTrainedModel, data: list[Encoded], batch_size: int, pad_i
     total, count = 0.0, 0
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))  # less padding
     for i in range(0, len(order), batch_size):
-        batch = collate([data[j] for j in order[i: i + batch_size]], pad_id)
+        batch = {k: v.to(model.device) for k, v in collate([data[j] for j in order[i: i + batch_size]], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         labels = batch["labels"][:, 1:]
         total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
@@ -46,9 +48,9 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Greedy answers to a few prompts, for a look at what the adapter learned."""
     out = []
     for ex in examples:
-        ids = torch.tensor([prompt_ids(tokenizer, ex)])
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        ids = torch.tensor([prompt_ids(tokenizer, ex)], device=model.device)
+        gen = typing.cast(Any, model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        text = str(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         out.append({"task": ex.task, "instruction": ex.instruction, "reference": ex.response, "answer": text})
     return out

@@ -68,7 +68,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2,
                attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A random Llama with ``layers`` blocks of width ``hidden``; same seed, same weights."""
-    cfg = LlamaConfig(
+    cfg = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation is taken by PreTrainedConfig
         attn_implementation=attn_implementation,
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -114,6 +114,7 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
 def load_base(name: str, dtype: str = "float32", seed: int = 0) -> BaseModel:
     """Load (once per process) the base model ``name`` with its tokenizer, frozen, in eval mode."""
     torch_dtype = getattr(torch, dtype)
+    tok: PreTrainedTokenizerBase
     if name == "tiny":
         tok = byte_tokenizer()
         model: PreTrainedModel = tiny_model(len(tok), seed=seed).to(torch_dtype)

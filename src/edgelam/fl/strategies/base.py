@@ -15,8 +15,11 @@ State = dict[str, Tensor]
 class Update(Protocol):
     """What a client returns: its adapter state and how many samples it trained on."""
 
-    state: State
-    num_samples: int
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def num_samples(self) -> int: ...
 
 
 class Strategy(Protocol):
