@@ -64,6 +64,10 @@ def bare_loop(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float) 
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--batch", type=int, default=4)
