@@ -6,7 +6,7 @@ STAMP := $(VENV)/.edgelam-installed
 
 .PHONY: setup demo test test-fast typecheck clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build).
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/edgelam run configs/demo.yaml
+	@$(BIN)/edgelam run configs/demo.yaml
 
 test: setup
 	$(BIN)/python -m mypy

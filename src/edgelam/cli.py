@@ -20,7 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+def _configs_dir() -> Path:
+    """The shipped configs: ./configs when run from a checkout, else beside the source tree."""
+    here = Path("configs")
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
 def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
@@ -113,8 +116,9 @@ def ls_cmd() -> None:
     found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     console.print("  " + (", ".join(found) if found else "(none found)"))
     console.print(f"  synthetic tasks: {', '.join(TASKS)}")
-    console.print(f"[bold]configs[/] ({CONFIGS_DIR})")
-    for p in sorted(CONFIGS_DIR.glob("*.yaml")):
+    configs = _configs_dir()
+    console.print(f"[bold]configs[/] ({configs})")
+    for p in sorted(configs.glob("*.yaml")):
         first = p.read_text().splitlines()[0].lstrip("# ") if p.stat().st_size else ""
         console.print(f"  {p.name:24s} {first}")
 
