@@ -63,3 +63,9 @@ def test_time_and_energy():
     assert channel.compute_time_s(1.6e10, 1e9, 16.0) == pytest.approx(1.0)
     assert channel.compute_energy_j(1.6e10, 1e9, 16.0, 1e-28) == pytest.approx(0.1)
     assert channel.dbm_to_w(23.0) == pytest.approx(0.19953, rel=1e-4)
+
+
+def test_umi_los_below_breakpoint():
+    # d2D = 50 m, fc = 3.5 GHz, hBS = 10, hUT = 1.5: d3D = sqrt(50^2 + 8.5^2) = 50.7174; d'BP = 210.1 m
+    # PL1 = 32.4 + 21 log10(50.7174) + 20 log10(3.5) = 32.4 + 35.8086 + 10.8814 = 79.090
+    assert channel.path_loss_umi_los_db(50.0, 3.5, 10.0, 1.5) == pytest.approx(79.090, abs=1e-2)

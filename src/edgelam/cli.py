@@ -41,6 +41,14 @@ def _resolve(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data)
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
@@ -69,8 +77,10 @@ def run_experiment(config: Path | None, overrides: list[str], out: Path | None =
         if (out_dir / "metrics.jsonl").exists():
             raise ConfigError(f"--out {out_dir} already holds a run; resume it with `edgelam run --resume {out_dir}` "
                               f"or choose another folder")
+    console.print(f"model: {cfg.model.name}, strategy: {cfg.fl.strategy}, {cfg.data.num_clients} clients, "
+                  f"{cfg.fl.rounds} rounds -> {out_dir}")
     with _progress() as bar:
-        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 MB", down="0 MB")
+        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 B", down="0 B")
 
         def on_start(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -78,7 +88,7 @@ def run_experiment(config: Path | None, overrides: list[str], out: Path | None =
         def on_round(row: dict[str, Any]) -> None:
             loss = row["eval_loss"] if row["eval_loss"] is not None else row["train_loss"]
             bar.update(task, advance=1, loss=f"{loss:.3f}", sim=f"{row['sim_time_s']:.1f}s",
-                       up=f"{row['bytes_up_total'] / 1e6:.1f} MB", down=f"{row['bytes_down_total'] / 1e6:.1f} MB")
+                       up=human_bytes(row["bytes_up_total"]), down=human_bytes(row["bytes_down_total"]))
 
         summary = run(cfg, out_dir, resume=resume is not None, on_round=on_round, on_start=on_start)
     console.print(summary_table(summary))

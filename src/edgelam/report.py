@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgelam.store import read_jsonl  # noqa: E402
@@ -43,6 +44,8 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
         axes[1, 1].plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker=".", label=label)
     titles = [("round", "eval loss"), ("round", "eval perplexity"), ("simulated time (s)", "eval loss"), ("round", "train loss")]
     for ax, (x, y) in zip(axes.flat, titles):
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)

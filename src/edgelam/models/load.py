@@ -6,7 +6,9 @@ simulated client: clients differ only in their LoRA adapter state.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -94,7 +96,10 @@ def smollm2_gguf_path() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers' GGUF reader draws its own tqdm bar on stderr, which no setting turns off.
+    quiet = contextlib.nullcontext() if os.environ.get("EDGELAM_DEBUG") else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model, tok
 
 

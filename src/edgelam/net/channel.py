@@ -30,14 +30,21 @@ def _breakpoint_m(h_bs_m: float, h_ut_m: float, fc_ghz: float) -> float:
     return 4.0 * (h_bs_m - 1.0) * (h_ut_m - 1.0) * fc_ghz * 1e9 / SPEED_OF_LIGHT_M_S
 
 
-def path_loss_uma_los_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 25.0, h_ut_m: float = 1.5) -> float:
-    """TR 38.901 UMa LOS (PL1 below the breakpoint, PL2 above)."""
+def _two_slope_los_db(d2d_m: float, fc_ghz: float, h_bs_m: float, h_ut_m: float,
+                      intercept_db: float, slope_near: float, bp_coeff: float) -> float:
+    """TR 38.901 LOS shape shared by UMa and UMi: PL1 below the breakpoint d'_BP, PL2 above."""
     d3d = math.hypot(d2d_m, h_bs_m - h_ut_m)
     d_bp = _breakpoint_m(h_bs_m, h_ut_m, fc_ghz)
     if d2d_m <= d_bp:
-        return 28.0 + 22.0 * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
-    return (28.0 + 40.0 * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
-            - 9.0 * math.log10(d_bp**2 + (h_bs_m - h_ut_m) ** 2))
+        return intercept_db + slope_near * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
+    return (intercept_db + 40.0 * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
+            - bp_coeff * math.log10(d_bp**2 + (h_bs_m - h_ut_m) ** 2))
+
+
+def path_loss_uma_los_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 25.0, h_ut_m: float = 1.5) -> float:
+    """TR 38.901 UMa LOS: PL1 = 28 + 22 log10 d3D + 20 log10 fc; PL2 = 28 + 40 log10 d3D + 20 log10 fc
+    - 9 log10(d'_BP^2 + (h_BS - h_UT)^2)."""
+    return _two_slope_los_db(d2d_m, fc_ghz, h_bs_m, h_ut_m, 28.0, 22.0, 9.0)
 
 
 def path_loss_uma_nlos_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 25.0, h_ut_m: float = 1.5) -> float:
@@ -48,13 +55,9 @@ def path_loss_uma_nlos_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 25.0, h_u
 
 
 def path_loss_umi_los_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 10.0, h_ut_m: float = 1.5) -> float:
-    """TR 38.901 UMi street canyon LOS."""
-    d3d = math.hypot(d2d_m, h_bs_m - h_ut_m)
-    d_bp = _breakpoint_m(h_bs_m, h_ut_m, fc_ghz)
-    if d2d_m <= d_bp:
-        return 32.4 + 21.0 * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
-    return (32.4 + 40.0 * math.log10(d3d) + 20.0 * math.log10(fc_ghz)
-            - 9.5 * math.log10(d_bp**2 + (h_bs_m - h_ut_m) ** 2))
+    """TR 38.901 UMi street canyon LOS: PL1 = 32.4 + 21 log10 d3D + 20 log10 fc; PL2 = 32.4 + 40 log10 d3D
+    + 20 log10 fc - 9.5 log10(d'_BP^2 + (h_BS - h_UT)^2)."""
+    return _two_slope_los_db(d2d_m, fc_ghz, h_bs_m, h_ut_m, 32.4, 21.0, 9.5)
 
 
 def path_loss_umi_nlos_db(d2d_m: float, fc_ghz: float, h_bs_m: float = 10.0, h_ut_m: float = 1.5) -> float:
