@@ -5,7 +5,7 @@ import torch
 
 from edgelam.fl import aggregate
 from edgelam.fl.strategies import STRATEGIES
-from edgelam.fl.strategies.base import sample_clients
+from edgelam.fl.strategies.base import Population, sample_clients
 from edgelam.config import FLConfig, TrainConfig, ConfigError
 from edgelam.store import rng_for
 
@@ -53,18 +53,23 @@ def test_sample_clients_fraction():
 
 
 class _U:
-    def __init__(self, w: float, n: int):
-        self.state, self.num_samples = {"w": torch.tensor([w])}, n
+    def __init__(self, w: float, n: int, client: int = 0, adapter: str = "global"):
+        self.state, self.num_samples, self.client, self.adapter = {"w": torch.tensor([w])}, n, client, adapter
+
+
+POP = Population(num_clients=2, flops_per_s=[1e9, 2e9], memory_gb=[4.0, 8.0], latency_s=[1.0, 2.0])
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_aggregates_towards_clients(name):
     train = TrainConfig(prox_mu=0.1)
     strat = STRATEGIES[name].from_config(FLConfig(strategy=name), train)
-    g = {"w": torch.tensor([0.0])}
-    state = strat.init_state(g)
-    new, _ = strat.aggregate(g, [_U(1.0, 1), _U(3.0, 1)], state)
-    assert float(new["w"]) > 0  # moves from 0 towards the clients' mean 2
+    state = strat.init_state({"w": torch.tensor([0.0])}, POP)
+    assert set(strat.adapters(state)) == {"global"}
+    new = strat.aggregate(state, [_U(1.0, 1), _U(3.0, 1, client=1)], 1)
+    assert float(strat.adapters(new)["global"]["w"]) > 0  # moves from 0 towards the clients' mean 2
+    name_, start = strat.dispatch(0, new, 2, probe=lambda a: 0.0)
+    assert name_ == "global" and torch.equal(start["w"], strat.adapters(new)["global"]["w"])
 
 
 def test_fedprox_needs_mu():

@@ -25,6 +25,7 @@ class ClientUpdate:
     steps: int
     tokens: int  # padded tokens processed (what the hardware computed)
     flops: float
+    adapter: str = "global"  # the adapter (cluster) it started from
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

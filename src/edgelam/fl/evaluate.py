@@ -30,16 +30,17 @@ def loss_sum(model: PreTrainedModel, data: list[Encoded], batch_size: int, pad_i
 
 
 def evaluate_tasks(model: PreTrainedModel, per_task: dict[str, list[Encoded]], batch_size: int, pad_id: int,
-                   max_per_task: int | None = None) -> dict[str, object]:
-    """{'eval_loss', 'eval_ppl', 'eval_tasks': {task: {'loss', 'ppl'}}}, token-weighted."""
-    tasks, total, count = {}, 0.0, 0
+                   max_per_task: int | None = None) -> dict[str, Any]:
+    """{'eval_loss', 'eval_ppl', 'eval_tasks': {task: {'loss', 'ppl'}}, 'loss_sum', 'tokens'}, token-weighted."""
+    tasks: dict[str, dict[str, float]] = {}
+    total, count = 0.0, 0
     for task, data in per_task.items():
         s, n = loss_sum(model, data[:max_per_task] if max_per_task else data, batch_size, pad_id)
         if n:
             tasks[task] = {"loss": s / n, "ppl": math.exp(min(s / n, 50.0))}
         total, count = total + s, count + n
     loss = total / count if count else float("nan")
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tasks": tasks}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tasks": tasks, "loss_sum": total, "tokens": count}
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ the strategy aggregates; the run evaluates, appends a metrics line and checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -26,11 +28,11 @@ from edgelam.data.build import FederatedData, build_federated_data
 from edgelam.fl.client import ClientUpdate, local_train
 from edgelam.fl.evaluate import evaluate_tasks, generate_answers, loss_sum
 from edgelam.fl.strategies import STRATEGIES
-from edgelam.fl.strategies.base import State, Strategy
-from edgelam.models.flops import FlopModel, flop_model
+from edgelam.fl.strategies.base import GLOBAL, Population, State, Strategy
+from edgelam.models.flops import FlopModel, flop_model, forward_flops, lora_train_flops
 from edgelam.models.load import load_base
-from edgelam.models.lora import attach_lora, get_adapter_state, save_adapter, serialize
-from edgelam.net.topology import ClientCost, Topology, client_round_cost, draw_links, place_devices
+from edgelam.models.lora import attach_lora, get_adapter_state, save_adapter, serialize, set_adapter_state
+from edgelam.net.topology import ClientCost, Topology, client_round_cost, draw_links, expected_link, place_devices
 from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, rng_for, to_json_line, torch_seed_for
 
 CHECKPOINT = "state/checkpoint.safetensors"
@@ -42,15 +44,13 @@ class RunState:
 
     round: int
     sim_time_s: float
-    global_state: State
-    server_state: State
+    state: State  # the strategy's flat server state (adapters, optimizer moments, assignments)
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0})
 
 
 def save_checkpoint(path: Path, st: RunState) -> None:
-    tensors = {f"global.{k}": v.contiguous() for k, v in st.global_state.items()}
-    tensors |= {f"server.{k}": v.contiguous() for k, v in st.server_state.items()}
     meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals}
+    tensors = {k: v.contiguous() for k, v in st.state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
 
 
@@ -59,10 +59,7 @@ def load_checkpoint(path: Path) -> RunState:
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {})["edgelam"])
-    tensors = load_file(str(path))
-    glob = {k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")}
-    server = {k[len("server."):]: v for k, v in tensors.items() if k.startswith("server.")}
-    return RunState(meta["round"], meta["sim_time_s"], glob, server, meta["totals"])
+    return RunState(meta["round"], meta["sim_time_s"], load_file(str(path)), meta["totals"])
 
 
 @dataclass(frozen=True)
@@ -76,16 +73,20 @@ def run_round(env: simpy.Environment, ctx: "Context", st: RunState, selected: li
     """Dispatch, train and collect the selected clients on the simulated clock."""
     cfg = ctx.cfg
     links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, 2, round_idx))
-    bytes_down = len(serialize(st.global_state))
     updates: dict[int, ClientUpdate] = {}
     costs: dict[int, ClientCost] = {}
 
     def client(k: int):  # type: ignore[no-untyped-def]
         # The cost needs the real update size, so training runs first (in zero simulated time)
         # and the process then waits out downlink, compute and uplink in order.
-        upd = local_train(ctx.model, st.global_state, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu,
+        probe = Prober(ctx, k)
+        name, start = ctx.strategy.dispatch(k, st.state, round_idx, probe)
+        upd = local_train(ctx.model, start, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu,
                           torch_seed_for(cfg.seed, 3, round_idx, k), ctx.pad_id, ctx.flops, client=k)
-        cost = client_round_cost(cfg.net, ctx.topology.devices[k], links[k], bytes_down, len(serialize(upd.state)), upd.flops)
+        upd = dataclasses.replace(upd, adapter=name)
+        bytes_down = probe.bytes_down or len(serialize(start))
+        cost = client_round_cost(cfg.net, ctx.topology.devices[k], links[k], bytes_down, len(serialize(upd.state)),
+                                 upd.flops + probe.flops)
         yield env.timeout(cost.t_down_s)
         yield env.timeout(cost.t_comp_s)
         yield env.timeout(cost.t_up_s)
@@ -94,6 +95,26 @@ def run_round(env: simpy.Environment, ctx: "Context", st: RunState, selected: li
     procs = [env.process(client(k)) for k in selected]
     env.run(until=env.all_of(procs))
     return RoundResult([updates[k] for k in selected], costs, float(env.now))
+
+
+class Prober:
+    """A client's loss on (up to 16 of) its training examples under a given adapter.
+
+    Each call is charged to the client: the adapter's bytes on the downlink, the forward FLOPs
+    on its compute (IFCA downloads every cluster model and evaluates each locally).
+    """
+
+    def __init__(self, ctx: "Context", client: int, max_examples: int = 16) -> None:
+        self.ctx, self.data = ctx, ctx.data.clients[client].train[:max_examples]
+        self.bytes_down, self.flops = 0, 0.0
+
+    def __call__(self, adapter: State) -> float:
+        set_adapter_state(self.ctx.model, adapter)
+        total, count = loss_sum(self.ctx.model, self.data, self.ctx.cfg.eval.batch_size, self.ctx.pad_id)
+        self.bytes_down += len(serialize(adapter))
+        width = max(len(e.input_ids) for e in self.data)
+        self.flops += forward_flops(self.ctx.flops, width * len(self.data), width)
+        return total / max(count, 1)
 
 
 @dataclass
@@ -123,7 +144,7 @@ def metrics_row(ctx: Context, st: RunState, round_idx: int, res: RoundResult, wa
         "energy_j_total": st.totals["energy_j"],
         "clients": [u.client for u in res.updates],
         "client_stats": [{
-            "client": u.client, "samples": u.num_samples, "train_loss": u.train_loss, "steps": u.steps,
+            "client": u.client, "adapter": u.adapter, "samples": u.num_samples, "train_loss": u.train_loss, "steps": u.steps,
             "tokens": u.tokens, "flops": u.flops, "t_down_s": c.t_down_s, "t_comp_s": c.t_comp_s, "t_up_s": c.t_up_s,
             "energy_tx_j": c.e_tx_j, "energy_comp_j": c.e_comp_j, "bytes_up": c.bytes_up,
         } for u in res.updates for c in [res.costs[u.client]]],
@@ -138,16 +159,42 @@ def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
             "client_stats": [], "wall_s": 0.0, **evaluate(ctx, st)}
 
 
-def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
-    from edgelam.models.lora import set_adapter_state
+def task_adapters(ctx: Context, assignment: list[str]) -> dict[str, str]:
+    """Each task is evaluated on the adapter most of the clients holding it belong to."""
+    votes: dict[str, dict[str, int]] = {}
+    for c in ctx.data.clients:
+        for t in c.tasks:
+            votes.setdefault(t, {}).setdefault(assignment[c.id], 0)
+            votes[t][assignment[c.id]] += 1
+    fallback = assignment[0] if assignment else GLOBAL
+    return {t: max(sorted(votes.get(t, {fallback: 1}).items()), key=lambda kv: kv[1])[0] for t in ctx.data.global_eval}
 
-    set_adapter_state(ctx.model, st.global_state)
+
+def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
     ev = ctx.cfg.eval
-    out = evaluate_tasks(ctx.model, ctx.data.global_eval, ev.batch_size, ctx.pad_id, ev.max_per_task)
+    adapters = ctx.strategy.adapters(st.state)
+    assignment = ctx.strategy.assignment(st.state, len(ctx.data.clients))
+    by_task = task_adapters(ctx, assignment)
+    out: dict[str, Any] = {"eval_tasks": {}}
+    total, count = 0.0, 0
+    for name, adapter in adapters.items():
+        set_adapter_state(ctx.model, adapter)
+        tasks = {t: d for t, d in ctx.data.global_eval.items() if by_task[t] == name}
+        res = evaluate_tasks(ctx.model, tasks, ev.batch_size, ctx.pad_id, ev.max_per_task)
+        out["eval_tasks"] |= {t: {**v, "adapter": name} for t, v in res["eval_tasks"].items()}
+        total, count = total + res["loss_sum"], count + res["tokens"]
+        if ev.client_heldout:
+            sums = [loss_sum(ctx.model, c.heldout, ev.batch_size, ctx.pad_id)
+                    for c in ctx.data.clients if c.heldout and assignment[c.id] == name]
+            out.setdefault("_held", []).extend(sums)
+    out["eval_loss"] = total / count if count else float("nan")
+    out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
     if ev.client_heldout:
-        sums = [loss_sum(ctx.model, c.heldout, ev.batch_size, ctx.pad_id) for c in ctx.data.clients if c.heldout]
-        tokens = sum(n for _, n in sums)
-        out["client_eval_loss"] = sum(s for s, _ in sums) / tokens if tokens else None
+        held = out.pop("_held", [])
+        tokens = sum(n for _, n in held)
+        out["client_eval_loss"] = sum(s for s, _ in held) / tokens if tokens else None
+    if len(adapters) > 1:
+        out["assignment"] = assignment
     return out
 
 
@@ -161,6 +208,19 @@ def setup(cfg: RunConfig) -> Context:
     strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train)
     topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, 1))
     return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id))
+
+
+def population(ctx: Context) -> Population:
+    """Device facts the server may use (resource clustering, rank rules): speed, memory, expected latency."""
+    cfg, devs = ctx.cfg, ctx.topology.devices
+    adapter_bytes = len(serialize(get_adapter_state(ctx.model)))
+    mean_tokens = [cfg.train.batch_size * max(len(e.input_ids) for e in c.train) for c in ctx.data.clients]
+    latency = []
+    for d, tokens in zip(devs, mean_tokens):
+        link = expected_link(cfg.net, d, len(devs))
+        flops = lora_train_flops(ctx.flops, tokens, tokens // cfg.train.batch_size) * cfg.train.local_steps
+        latency.append(client_round_cost(cfg.net, d, link, adapter_bytes, adapter_bytes, flops).total_s)
+    return Population(len(devs), [d.flops_per_s for d in devs], [d.memory_gb for d in devs], latency)
 
 
 def _save_adapter_atomic(ctx: Context, state: State, path: Path) -> None:
@@ -184,10 +244,18 @@ def finish(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], wa
     """Final adapter (PEFT format), sample answers, summary.json and plots."""
     from edgelam.report import plot_runs
 
-    _save_adapter_atomic(ctx, st.global_state, out / "adapter")
+    adapters = ctx.strategy.adapters(st.state)
+    paths = {}
+    for name, adapter in adapters.items():
+        paths[name] = out / "adapter" if list(adapters) == [GLOBAL] else out / "adapters" / name
+        _save_adapter_atomic(ctx, adapter, paths[name])
     if ctx.cfg.eval.generate:
+        by_task = task_adapters(ctx, ctx.strategy.assignment(st.state, len(ctx.data.clients)))
         picks = [ex for xs in ctx.data.eval_examples.values() for ex in xs[:1]][: ctx.cfg.eval.generate]
-        answers = generate_answers(ctx.model, ctx.tokenizer, picks, ctx.cfg.eval.max_new_tokens)
+        answers = []
+        for ex in picks:
+            set_adapter_state(ctx.model, adapters[by_task[ex.task]])
+            answers += generate_answers(ctx.model, ctx.tokenizer, [ex], ctx.cfg.eval.max_new_tokens)
         atomic_write_text(out / "samples.jsonl", "".join(to_json_line(a) + "\n" for a in answers))
     last_eval = next(r for r in reversed(rows) if r.get("eval_loss") is not None)
     summary = {
@@ -196,7 +264,8 @@ def finish(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], wa
         "final_eval_ppl": last_eval["eval_ppl"], "final_eval_tasks": last_eval["eval_tasks"],
         "first_eval_loss": next(r["eval_loss"] for r in rows if r.get("eval_loss") is not None),
         "bytes_up_total": st.totals["bytes_up"], "bytes_down_total": st.totals["bytes_down"],
-        "energy_j_total": st.totals["energy_j"], "adapter": str(out / "adapter"), "plot": str(out / "plots" / "curves.png"),
+        "energy_j_total": st.totals["energy_j"], "adapter": str(next(iter(paths.values()))),
+        "adapters": {k: str(v) for k, v in paths.items()}, "plot": str(out / "plots" / "curves.png"),
         "wall_s": wall_s,
     }
     atomic_write_json(out / "summary.json", summary)
@@ -217,8 +286,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
         if resume and ckpt.exists():
             st = load_checkpoint(ckpt)
         else:
-            g = get_adapter_state(ctx.model)
-            st = RunState(0, 0.0, g, ctx.strategy.init_state(g))
+            st = RunState(0, 0.0, ctx.strategy.init_state(get_adapter_state(ctx.model), population(ctx)))
         rows = _trim_metrics(out / "metrics.jsonl", st.round)
         wall_before = rows[-1]["wall_s"] if rows else 0.0
         if not rows:  # round 0: the untrained adapter, so every curve starts from the base model
@@ -232,9 +300,9 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
             env = simpy.Environment(initial_time=st.sim_time_s)
             selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, 4, r))
             res = run_round(env, ctx, st, selected, r)
-            new_global, st.server_state = ctx.strategy.aggregate(st.global_state, res.updates, st.server_state)
+            new_state = ctx.strategy.aggregate(st.state, res.updates, r)
             row = metrics_row(ctx, st, r, res, wall_before + time.perf_counter() - t0)
-            st.global_state, st.sim_time_s, st.round = new_global, res.end_time_s, r
+            st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
             ev: dict[str, Any] = {"eval_loss": None, "eval_ppl": None, "eval_tasks": None}
             if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
                 ev = evaluate(ctx, st)

@@ -95,6 +95,15 @@ def place_devices(cfg: NetConfig, num_devices: int, rng: np.random.Generator) ->
     return Topology(devices=devices, edges=edges)
 
 
+def link_state(cfg: NetConfig, dev: Device, gain: float, share: int) -> LinkState:
+    """Shannon rates up and down with channel ``gain`` and 1/``share`` of the edge's bands (FDMA)."""
+    b_up, b_down = cfg.uplink_bandwidth_hz / share, cfg.downlink_bandwidth_hz / share
+    snr_up = channel.snr_linear(dev.tx_power_w, gain, channel.noise_power_w(b_up, cfg.noise_psd_dbm_hz, cfg.noise_figure_db))
+    snr_down = channel.snr_linear(channel.dbm_to_w(cfg.server_tx_power_dbm), gain,
+                                  channel.noise_power_w(b_down, cfg.noise_psd_dbm_hz, cfg.noise_figure_db))
+    return LinkState(gain, channel.shannon_rate_bps(b_up, snr_up), channel.shannon_rate_bps(b_down, snr_down))
+
+
 def draw_links(cfg: NetConfig, topo: Topology, scheduled: list[int], rng: np.random.Generator) -> dict[int, LinkState]:
     """This round's links for the scheduled devices; each edge splits its bandwidth equally among them."""
     per_edge: dict[int, int] = {}
@@ -104,14 +113,13 @@ def draw_links(cfg: NetConfig, topo: Topology, scheduled: list[int], rng: np.ran
     for k in scheduled:
         dev = topo.devices[k]
         fading = float(rng.exponential(1.0)) if cfg.fading == "rayleigh" else 1.0
-        gain = dev.large_scale_gain * fading
-        share = per_edge[dev.edge]
-        b_up, b_down = cfg.uplink_bandwidth_hz / share, cfg.downlink_bandwidth_hz / share
-        snr_up = channel.snr_linear(dev.tx_power_w, gain, channel.noise_power_w(b_up, cfg.noise_psd_dbm_hz, cfg.noise_figure_db))
-        snr_down = channel.snr_linear(channel.dbm_to_w(cfg.server_tx_power_dbm), gain,
-                                      channel.noise_power_w(b_down, cfg.noise_psd_dbm_hz, cfg.noise_figure_db))
-        out[k] = LinkState(gain, channel.shannon_rate_bps(b_up, snr_up), channel.shannon_rate_bps(b_down, snr_down))
+        out[k] = link_state(cfg, dev, dev.large_scale_gain * fading, per_edge[dev.edge])
     return out
+
+
+def expected_link(cfg: NetConfig, dev: Device, num_scheduled: int) -> LinkState:
+    """The link without fading (|h|^2 = 1), the edge's band shared by ``num_scheduled`` devices."""
+    return link_state(cfg, dev, dev.large_scale_gain, num_scheduled)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,26 @@
-"""The strategy interface: a scheme is a small object with a few verbs and explicit server state."""
+"""The strategy interface: a scheme is a small object with a few verbs over one flat server state.
+
+The server state is a flat dict name -> tensor (checkpointed as is). Adapters live in it under a
+prefix (``global.``, ``c0.``, ...); optimizer moments and cluster assignments sit beside them.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from torch import Tensor
 
 State = dict[str, Tensor]
+Probe = Callable[[State], float]  # the client's loss on its own data under an adapter (charged to it)
+GLOBAL = "global"
 
 
 class Update(Protocol):
-    """What a client returns: its adapter state and how many samples it trained on."""
+    """What a client returns: its adapter state, how many samples, and which adapter it started from."""
 
     @property
     def state(self) -> State: ...
@@ -21,21 +28,63 @@ class Update(Protocol):
     @property
     def num_samples(self) -> int: ...
 
+    @property
+    def client(self) -> int: ...
+
+    @property
+    def adapter(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Population:
+    """What the server knows of the devices (not their data)."""
+
+    num_clients: int
+    flops_per_s: list[float]
+    memory_gb: list[float]
+    latency_s: list[float]  # expected round latency without fading
+
 
 class Strategy(Protocol):
     name: str
     prox_mu: float  # FedProx coefficient clients apply locally (0 = none)
 
-    def init_state(self, global_state: State) -> State:
-        """Server optimizer state (flat name -> tensor, saved in checkpoints)."""
-        ...
+    def init_state(self, adapter: State, pop: Population) -> State: ...
 
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]: ...
 
-    def aggregate(self, global_state: State, updates: Sequence[Update], server_state: State) -> tuple[State, State]: ...
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
+        """(name, adapter) the client starts from; ``probe`` lets it choose by its own loss (IFCA)."""
+        ...
+
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State: ...
+
+    def adapters(self, state: State) -> dict[str, State]:
+        """The named adapters the run evaluates and saves."""
+        ...
+
+    def assignment(self, state: State, num_clients: int) -> list[str]:
+        """The adapter name each client belongs to now."""
+        ...
 
 
 def sample_clients(num_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
     """max(1, round(fraction * K)) clients uniformly without replacement, sorted."""
     m = max(1, int(math.floor(fraction * num_clients + 0.5)))
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+
+
+def get_prefixed(state: State, prefix: str) -> State:
+    """The tensors stored under ``prefix.``, with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def put_prefixed(prefix: str, adapter: State) -> State:
+    return {f"{prefix}.{k}": v for k, v in adapter.items()}
+
+
+def replace_prefixed(state: State, prefix: str, adapter: State) -> State:
+    """``state`` with the tensors under ``prefix.`` replaced by ``adapter``."""
+    p = prefix + "."
+    return {**{k: v for k, v in state.items() if not k.startswith(p)}, **put_prefixed(prefix, adapter)}

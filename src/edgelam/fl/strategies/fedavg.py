@@ -9,7 +9,7 @@ import numpy as np
 
 from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.aggregate import weighted_average
-from edgelam.fl.strategies.base import State, Update, sample_clients
+from edgelam.fl.strategies.base import GLOBAL, Population, Probe, State, Update, get_prefixed, put_prefixed, replace_prefixed, sample_clients
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,21 @@ class FedAvg:
     def from_config(cls, fl: FLConfig, train: TrainConfig) -> "FedAvg":
         return cls(fraction=fl.fraction)
 
-    def init_state(self, global_state: State) -> State:
-        return {}
+    def init_state(self, adapter: State, pop: Population) -> State:
+        return put_prefixed(GLOBAL, adapter)
 
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
         return sample_clients(num_clients, self.fraction, rng)
 
-    def aggregate(self, global_state: State, updates: Sequence[Update], server_state: State) -> tuple[State, State]:
-        return weighted_average([u.state for u in updates], [u.num_samples for u in updates]), server_state
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
+        return GLOBAL, get_prefixed(state, GLOBAL)
+
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
+        avg = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+        return replace_prefixed(state, GLOBAL, avg)
+
+    def adapters(self, state: State) -> dict[str, State]:
+        return {GLOBAL: get_prefixed(state, GLOBAL)}
+
+    def assignment(self, state: State, num_clients: int) -> list[str]:
+        return [GLOBAL] * num_clients

@@ -5,34 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.aggregate import momentum_step, pseudo_gradient, weighted_average, zeros_like
-from edgelam.fl.strategies.base import State, Update, sample_clients
+from edgelam.fl.strategies.base import GLOBAL, Population, State, Update, get_prefixed, put_prefixed
+from edgelam.fl.strategies.fedavg import FedAvg
 
 
 @dataclass(frozen=True)
-class FedAvgM:
-    fraction: float
-    server_lr: float
-    momentum: float
+class FedAvgM(FedAvg):
+    """FedAvg's selection and dispatch; the server steps with momentum instead of taking the average."""
+
+    server_lr: float = 1.0
+    momentum: float = 0.9
     name: str = "fedavgm"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig) -> "FedAvgM":
         return cls(fraction=fl.fraction, server_lr=fl.server_lr, momentum=fl.server_momentum)
 
-    def init_state(self, global_state: State) -> State:
-        return {f"velocity.{k}": t for k, t in zeros_like(global_state).items()}
+    def init_state(self, adapter: State, pop: Population) -> State:
+        return put_prefixed(GLOBAL, adapter) | put_prefixed("velocity", zeros_like(adapter))
 
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
-
-    def aggregate(self, global_state: State, updates: Sequence[Update], server_state: State) -> tuple[State, State]:
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
+        g = get_prefixed(state, GLOBAL)
         avg = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
-        velocity = {k: server_state[f"velocity.{k}"] for k in global_state}
-        new_global, new_v = momentum_step(global_state, pseudo_gradient(global_state, avg), velocity,
-                                          self.server_lr, self.momentum)
-        return new_global, {f"velocity.{k}": t for k, t in new_v.items()}
+        new_g, new_v = momentum_step(g, pseudo_gradient(g, avg), get_prefixed(state, "velocity"), self.server_lr, self.momentum)
+        return put_prefixed(GLOBAL, new_g) | put_prefixed("velocity", new_v)
