@@ -177,6 +177,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Clustered federated LoRA (fl.strategy ifca | cfl | rescluster)."""
+
+    num_clusters: int = 2  # ifca, rescluster: K
+    warmup_rounds: int = 1  # ifca: rounds from the common init before k-means; cfl: rounds before any split
+    eps1: float = 0.4  # cfl: split when ||mean update|| < eps1 ...
+    eps2: float = 1.6  # cfl: ... and max ||update|| > eps2 (Sattler et al. 2020)
+    max_clusters: int = 8  # cfl
+
+    def __post_init__(self) -> None:
+        _require(self.num_clusters >= 1, "fl.cluster.num_clusters", "must be >= 1", self.num_clusters)
+        _require(self.warmup_rounds >= 0, "fl.cluster.warmup_rounds", "must be >= 0", self.warmup_rounds)
+        _require(self.eps1 > 0 and self.eps2 >= 0, "fl.cluster.eps1/eps2", "must be eps1 > 0, eps2 >= 0", (self.eps1, self.eps2))
+        _require(self.max_clusters >= 1, "fl.cluster.max_clusters", "must be >= 1", self.max_clusters)
+
+
+@dataclass(frozen=True)
 class FLConfig:
     strategy: str = "fedavg"
     rounds: int = 2
@@ -186,6 +203,7 @@ class FLConfig:
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99
     tau: float = 1e-3  # fedadam adaptivity
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         from edgelam.fl.strategies import STRATEGIES

@@ -50,7 +50,7 @@ class RunState:
 
 def save_checkpoint(path: Path, st: RunState) -> None:
     meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals}
-    tensors = {k: v.contiguous() for k, v in st.state.items()}
+    tensors = {k: v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
     atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
 
 
@@ -205,7 +205,7 @@ def setup(cfg: RunConfig) -> Context:
     base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
     model = attach_lora(base.model, cfg.model.lora, seed=cfg.seed)
     data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
-    strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train)
+    strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
     topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, 1))
     return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id))
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
 from edgelam.fl.strategies.fedavg import FedAvg
 from edgelam.fl.strategies.fedavgm import FedAvgM
 from edgelam.fl.strategies.fedprox import FedProx
+from edgelam.fl.strategies.ifca import IFCA
+from edgelam.fl.strategies.rescluster import ResourceClusters
 
 STRATEGIES: dict[str, Any] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
+    "ifca": IFCA,
+    "cfl": CFL,
+    "rescluster": ResourceClusters,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -21,4 +27,7 @@ DESCRIPTIONS: dict[str, str] = {
     "fedprox": "FedAvg + client proximal term (train.prox_mu)",
     "fedavgm": "FedAvg with server momentum (fl.server_lr, fl.server_momentum)",
     "fedadam": "FedAvg with a server Adam step (fl.server_lr, fl.beta1, fl.beta2, fl.tau)",
+    "ifca": "clustered: clients pick the cluster adapter with the lowest loss (fl.cluster.num_clusters, warmup_rounds)",
+    "cfl": "clustered: recursive bipartition by update cosine similarity (fl.cluster.eps1, eps2, max_clusters)",
+    "rescluster": "clustered: k-means on device speed and round latency (fl.cluster.num_clusters)",
 }

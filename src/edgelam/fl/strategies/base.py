@@ -88,3 +88,38 @@ def replace_prefixed(state: State, prefix: str, adapter: State) -> State:
     """``state`` with the tensors under ``prefix.`` replaced by ``adapter``."""
     p = prefix + "."
     return {**{k: v for k, v in state.items() if not k.startswith(p)}, **put_prefixed(prefix, adapter)}
+
+
+def cluster_name(j: int) -> str:
+    return f"c{j}"
+
+
+def assigned(state: State, num_clients: int) -> list[str]:
+    """Cluster names from the state's ``assign`` tensor (-1, unassigned, reads as cluster 0)."""
+    assign = state.get("assign")
+    return [cluster_name(max(0, int(assign[k])) if assign is not None else 0) for k in range(num_clients)]
+
+
+def with_assignment(state: State, updates: Sequence[Update]) -> State:
+    """Record that each update's client now belongs to the cluster it trained."""
+    assign = state["assign"].clone()
+    for u in updates:
+        assign[u.client] = int(u.adapter[1:])
+    return {**state, "assign": assign}
+
+
+def average_per_adapter(state: State, updates: Sequence[Update]) -> State:
+    """FedAvg inside each adapter (cluster): the updates that started from it, weighted by samples."""
+    from edgelam.fl.aggregate import weighted_average
+
+    groups: dict[str, list[Update]] = {}
+    for u in updates:
+        groups.setdefault(u.adapter, []).append(u)
+    for name, us in sorted(groups.items()):
+        state = replace_prefixed(state, name, weighted_average([u.state for u in us], [u.num_samples for u in us]))
+    return state
+
+
+def cluster_adapters(state: State) -> dict[str, State]:
+    names = sorted({k.split(".", 1)[0] for k in state if k.startswith("c") and k[1:2].isdigit()}, key=lambda n: int(n[1:]))
+    return {n: get_prefixed(state, n) for n in names}

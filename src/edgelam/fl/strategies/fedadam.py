@@ -22,7 +22,7 @@ class FedAdam(FedAvg):
     name: str = "fedadam"
 
     @classmethod
-    def from_config(cls, fl: FLConfig, train: TrainConfig) -> "FedAdam":
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAdam":
         return cls(fraction=fl.fraction, server_lr=fl.server_lr, beta1=fl.beta1, beta2=fl.beta2, tau=fl.tau)
 
     def init_state(self, adapter: State, pop: Population) -> State:

@@ -19,7 +19,7 @@ class FedAvg:
     prox_mu: float = 0.0
 
     @classmethod
-    def from_config(cls, fl: FLConfig, train: TrainConfig) -> "FedAvg":
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAvg":
         return cls(fraction=fl.fraction)
 
     def init_state(self, adapter: State, pop: Population) -> State:

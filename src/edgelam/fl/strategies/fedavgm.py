@@ -20,7 +20,7 @@ class FedAvgM(FedAvg):
     name: str = "fedavgm"
 
     @classmethod
-    def from_config(cls, fl: FLConfig, train: TrainConfig) -> "FedAvgM":
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAvgM":
         return cls(fraction=fl.fraction, server_lr=fl.server_lr, momentum=fl.server_momentum)
 
     def init_state(self, adapter: State, pop: Population) -> State:

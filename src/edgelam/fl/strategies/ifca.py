@@ -1,0 +1,94 @@
+"""IFCA (Ghosh et al., NeurIPS 2020, arXiv 2006.04088) over LoRA adapters.
+
+Each selected client evaluates every cluster adapter on its own data and trains the one with the
+lowest loss; the server averages each cluster's updates. LoRA starts with B = 0, so K random
+inits would be the same function and every client would tie: the first ``warmup_rounds`` rounds
+train from the common init and the server seeds the K clusters by k-means over the warm-up
+updates (cosine geometry: updates normalised to unit length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgelam.config import FLConfig, TrainConfig
+from edgelam.fl.aggregate import weighted_average
+from edgelam.fl.clustering import delta, flatten, kmeans
+from edgelam.fl.strategies.base import (
+    Population,
+    Probe,
+    State,
+    Update,
+    assigned,
+    average_per_adapter,
+    cluster_adapters,
+    cluster_name,
+    get_prefixed,
+    put_prefixed,
+    replace_prefixed,
+    sample_clients,
+    with_assignment,
+)
+
+
+@dataclass(frozen=True)
+class IFCA:
+    fraction: float
+    num_clusters: int
+    warmup_rounds: int
+    seed: int = 0
+    name: str = "ifca"
+    prox_mu: float = 0.0
+
+    @classmethod
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "IFCA":
+        return cls(fraction=fl.fraction, num_clusters=fl.cluster.num_clusters, warmup_rounds=fl.cluster.warmup_rounds, seed=seed)
+
+    def init_state(self, adapter: State, pop: Population) -> State:
+        state: State = {"assign": torch.full((pop.num_clients,), -1, dtype=torch.long)}
+        for j in range(self.num_clusters):
+            state |= put_prefixed(cluster_name(j), adapter)
+        return state
+
+    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
+        return sample_clients(num_clients, self.fraction, rng)
+
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
+        clusters = cluster_adapters(state)
+        if round_idx <= self.warmup_rounds:
+            return cluster_name(0), clusters[cluster_name(0)]
+        losses = {name: probe(adapter) for name, adapter in clusters.items()}
+        best = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower cluster id
+        return best, clusters[best]
+
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
+        if round_idx < self.warmup_rounds:
+            return average_per_adapter(state, updates)  # all trained cluster 0, the common init
+        if round_idx == self.warmup_rounds:
+            return self._seed_clusters(state, updates)
+        return with_assignment(average_per_adapter(state, updates), updates)
+
+    def _seed_clusters(self, state: State, updates: Sequence[Update]) -> State:
+        init = get_prefixed(state, cluster_name(0))
+        vecs = [flatten(delta(u.state, init)) for u in updates]
+        unit = np.stack([(v / v.norm().clamp_min(1e-12)).numpy() for v in vecs])
+        labels = kmeans(unit, self.num_clusters, self.seed)
+        assign = state["assign"].clone()
+        for j in range(self.num_clusters):
+            members = [u for u, lab in zip(updates, labels) if lab == j]
+            if members:
+                avg = weighted_average([u.state for u in members], [u.num_samples for u in members])
+                state = replace_prefixed(state, cluster_name(j), avg)
+            for u in members:
+                assign[u.client] = j
+        return {**state, "assign": assign}
+
+    def adapters(self, state: State) -> dict[str, State]:
+        return cluster_adapters(state)
+
+    def assignment(self, state: State, num_clients: int) -> list[str]:
+        return assigned(state, num_clients)
