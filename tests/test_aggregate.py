@@ -60,8 +60,8 @@ class _U:
 POP = Population(num_clients=2, flops_per_s=[1e9, 2e9], memory_gb=[4.0, 8.0], latency_s=[1.0, 2.0])
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_aggregates_towards_clients(name):
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam"])
+def test_every_global_strategy_aggregates_towards_clients(name):
     train = TrainConfig(prox_mu=0.1)
     strat = STRATEGIES[name].from_config(FLConfig(strategy=name), train)
     state = strat.init_state({"w": torch.tensor([0.0])}, POP)

@@ -20,7 +20,7 @@ def test_overrides_and_types(repo):
     ({"fl": {"roundz": 3}}, r"unknown key 'fl.roundz'; allowed keys here: strategy, rounds"),
     ({"fl": {"rounds": "three"}}, r"fl.rounds must be an integer"),
     ({"fl": {"rounds": 0}}, r"fl.rounds must be >= 1"),
-    ({"fl": {"strategy": "fedfoo"}}, r"fl.strategy must be one of \['fedadam', 'fedavg', 'fedavgm', 'fedprox'\]"),
+    ({"fl": {"strategy": "fedfoo"}}, r"fl.strategy must be one of \[.*'fedavg'.*\] \(got 'fedfoo'\)"),
     ({"train": {"lr": -1}}, r"train.lr must be > 0"),
     ({"net": {"device_cpu_hz": [2e9, 1e9]}}, r"net.device_cpu_hz must be a \[low, high\] range"),
     ({"data": {"partition": "presplit"}}, r"'presplit' needs data.source 'dolly'"),
