@@ -194,6 +194,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class RankConfig:
+    """Heterogeneous-rank LoRA (fl.strategy hetlora | flora | flexlora): each device's rank from its resources."""
+
+    ranks: tuple[int, ...] = (2, 4, 8)  # the largest must equal model.lora.r
+    rule: str = "compute"  # compute | memory: devices sorted by it fall into len(ranks) groups
+
+    def __post_init__(self) -> None:
+        _require(len(self.ranks) >= 1 and all(r >= 1 for r in self.ranks), "fl.rank.ranks", "must list ranks >= 1", self.ranks)
+        _one_of(self.rule, "fl.rank.rule", ["compute", "memory"])
+
+
+@dataclass(frozen=True)
 class FLConfig:
     strategy: str = "fedavg"
     rounds: int = 2
@@ -204,6 +216,7 @@ class FLConfig:
     beta2: float = 0.99
     tau: float = 1e-3  # fedadam adaptivity
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
 
     def __post_init__(self) -> None:
         from edgelam.fl.strategies import STRATEGIES

@@ -80,11 +80,12 @@ def run_round(env: simpy.Environment, ctx: "Context", st: RunState, selected: li
         # The cost needs the real update size, so training runs first (in zero simulated time)
         # and the process then waits out downlink, compute and uplink in order.
         probe = Prober(ctx, k)
-        name, start = ctx.strategy.dispatch(k, st.state, round_idx, probe)
+        name, start, payload = ctx.strategy.dispatch(k, st.state, round_idx, probe)
         upd = local_train(ctx.model, start, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu,
                           torch_seed_for(cfg.seed, 3, round_idx, k), ctx.pad_id, ctx.flops, client=k)
-        upd = dataclasses.replace(upd, adapter=name)
-        bytes_down = probe.bytes_down or len(serialize(start))
+        # the server sees only what crossed the uplink
+        upd = dataclasses.replace(upd, adapter=name, state=ctx.strategy.upload(k, st.state, upd.state))
+        bytes_down = probe.bytes_down or len(serialize(payload))
         cost = client_round_cost(cfg.net, ctx.topology.devices[k], links[k], bytes_down, len(serialize(upd.state)),
                                  upd.flops + probe.flops)
         yield env.timeout(cost.t_down_s)
@@ -127,6 +128,7 @@ class Context:
     strategy: Strategy
     flops: FlopModel
     pad_id: int
+    base: "BaseWeights"
 
 
 def metrics_row(ctx: Context, st: RunState, round_idx: int, res: RoundResult, wall_s: float) -> dict[str, Any]:
@@ -172,6 +174,7 @@ def task_adapters(ctx: Context, assignment: list[str]) -> dict[str, str]:
 
 def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
     ev = ctx.cfg.eval
+    ctx.base.apply(ctx.strategy.base_delta(st.state))
     adapters = ctx.strategy.adapters(st.state)
     assignment = ctx.strategy.assignment(st.state, len(ctx.data.clients))
     by_task = task_adapters(ctx, assignment)
@@ -207,7 +210,29 @@ def setup(cfg: RunConfig) -> Context:
     data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
     strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
     topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, 1))
-    return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id))
+    return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id),
+                   BaseWeights(model))
+
+
+class BaseWeights:
+    """The frozen weights of the LoRA-adapted layers, kept so a strategy's dense delta can be
+    merged in (W = W0 + delta) and taken out again; the base model is shared, so it must be."""
+
+    def __init__(self, model: Any) -> None:
+        self.layers = {name: mod.base_layer for name, mod in model.named_modules() if hasattr(mod, "base_layer")}
+        self.original = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self.applied: State = {}
+
+    def apply(self, delta: State) -> None:
+        if not delta and not self.applied:
+            return
+        unknown = sorted(set(delta) - set(self.layers))[:3]
+        assert not unknown, f"base delta names modules the model does not adapt: {unknown}"
+        with torch.no_grad():
+            for name in set(self.applied) | set(delta):
+                w = self.original[name]
+                self.layers[name].weight.copy_(w + delta[name].to(w.dtype) if name in delta else w)
+        self.applied = dict(delta)
 
 
 def population(ctx: Context) -> Population:
@@ -220,7 +245,8 @@ def population(ctx: Context) -> Population:
         link = expected_link(cfg.net, d, len(devs))
         flops = lora_train_flops(ctx.flops, tokens, tokens // cfg.train.batch_size) * cfg.train.local_steps
         latency.append(client_round_cost(cfg.net, d, link, adapter_bytes, adapter_bytes, flops).total_s)
-    return Population(len(devs), [d.flops_per_s for d in devs], [d.memory_gb for d in devs], latency)
+    lora = cfg.model.lora
+    return Population(len(devs), [d.flops_per_s for d in devs], [d.memory_gb for d in devs], latency, lora.alpha / lora.r)
 
 
 def _save_adapter_atomic(ctx: Context, state: State, path: Path) -> None:
@@ -245,6 +271,10 @@ def finish(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], wa
     from edgelam.report import plot_runs
 
     adapters = ctx.strategy.adapters(st.state)
+    delta = ctx.strategy.base_delta(st.state)
+    ctx.base.apply(delta)
+    if delta:  # FLoRA merges into the base: the exact result is this dense delta per module
+        atomic_write_bytes(out / "base_delta.safetensors", save({k: v.contiguous() for k, v in delta.items()}))
     paths = {}
     for name, adapter in adapters.items():
         paths[name] = out / "adapter" if list(adapters) == [GLOBAL] else out / "adapters" / name
@@ -299,6 +329,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
         for r in range(st.round + 1, cfg.fl.rounds + 1):
             env = simpy.Environment(initial_time=st.sim_time_s)
             selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, 4, r))
+            ctx.base.apply(ctx.strategy.base_delta(st.state))
             res = run_round(env, ctx, st, selected, r)
             new_state = ctx.strategy.aggregate(st.state, res.updates, r)
             row = metrics_row(ctx, st, r, res, wall_before + time.perf_counter() - t0)
@@ -315,4 +346,5 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
                 on_round(row)
         return finish(ctx, st, out, rows, wall_before + time.perf_counter() - t0)
     finally:
-        ctx.model.unload()  # give the shared base model back without LoRA layers
+        ctx.base.apply({})  # give the shared base model back as loaded, without LoRA layers
+        ctx.model.unload()

@@ -8,7 +8,10 @@ from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
 from edgelam.fl.strategies.fedavg import FedAvg
 from edgelam.fl.strategies.fedavgm import FedAvgM
+from edgelam.fl.strategies.flexlora import FlexLoRA
+from edgelam.fl.strategies.flora import FLoRA
 from edgelam.fl.strategies.fedprox import FedProx
+from edgelam.fl.strategies.hetlora import HetLoRA
 from edgelam.fl.strategies.ifca import IFCA
 from edgelam.fl.strategies.rescluster import ResourceClusters
 
@@ -20,6 +23,9 @@ STRATEGIES: dict[str, Any] = {
     "ifca": IFCA,
     "cfl": CFL,
     "rescluster": ResourceClusters,
+    "hetlora": HetLoRA,
+    "flora": FLoRA,
+    "flexlora": FlexLoRA,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -30,4 +36,7 @@ DESCRIPTIONS: dict[str, str] = {
     "ifca": "clustered: clients pick the cluster adapter with the lowest loss (fl.cluster.num_clusters, warmup_rounds)",
     "cfl": "clustered: recursive bipartition by update cosine similarity (fl.cluster.eps1, eps2, max_clusters)",
     "rescluster": "clustered: k-means on device speed and round latency (fl.cluster.num_clusters)",
+    "hetlora": "heterogeneous ranks (fl.rank.ranks, rule), zero-padding aggregation",
+    "flora": "heterogeneous ranks, stacking: exact sum of B_k A_k merged into the base each round",
+    "flexlora": "heterogeneous ranks, SVD of the aggregated update redistributed at each client's rank",
 }

@@ -43,6 +43,7 @@ class Population:
     flops_per_s: list[float]
     memory_gb: list[float]
     latency_s: list[float]  # expected round latency without fading
+    lora_scaling: float = 1.0  # alpha / r of the model's adapter
 
 
 class Strategy(Protocol):
@@ -53,8 +54,17 @@ class Strategy(Protocol):
 
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]: ...
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
-        """(name, adapter) the client starts from; ``probe`` lets it choose by its own loss (IFCA)."""
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+        """(name, adapter the client starts from, payload that crosses the downlink); ``probe`` lets
+        the client choose by its own loss (IFCA), each probe charged to it."""
+        ...
+
+    def upload(self, client: int, state: State, adapter: State) -> State:
+        """What the client sends back (a rank-r_k client sends only its r_k components)."""
+        ...
+
+    def base_delta(self, state: State) -> State:
+        """Dense updates merged into the frozen base weights, module name -> (d_out, d_in) (FLoRA)."""
         ...
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State: ...

@@ -61,9 +61,10 @@ class CFL:
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
         return sample_clients(num_clients, self.fraction, rng)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
         name = cluster_name(int(state["assign"][client]))
-        return name, get_prefixed(state, name)
+        adapter = get_prefixed(state, name)
+        return name, adapter, adapter
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         groups: dict[str, list[Update]] = {}
@@ -89,6 +90,12 @@ class CFL:
                 assign[[u.client for u in newcomers]] = n_clusters
                 state = {**state, "assign": assign}
         return state
+
+    def upload(self, client: int, state: State, adapter: State) -> State:
+        return adapter
+
+    def base_delta(self, state: State) -> State:
+        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)

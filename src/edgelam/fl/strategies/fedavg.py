@@ -28,12 +28,19 @@ class FedAvg:
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
         return sample_clients(num_clients, self.fraction, rng)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
-        return GLOBAL, get_prefixed(state, GLOBAL)
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+        g = get_prefixed(state, GLOBAL)
+        return GLOBAL, g, g
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         avg = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
         return replace_prefixed(state, GLOBAL, avg)
+
+    def upload(self, client: int, state: State, adapter: State) -> State:
+        return adapter
+
+    def base_delta(self, state: State) -> State:
+        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return {GLOBAL: get_prefixed(state, GLOBAL)}

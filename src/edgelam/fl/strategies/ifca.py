@@ -57,13 +57,13 @@ class IFCA:
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
         return sample_clients(num_clients, self.fraction, rng)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State]:
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
         clusters = cluster_adapters(state)
         if round_idx <= self.warmup_rounds:
-            return cluster_name(0), clusters[cluster_name(0)]
+            return cluster_name(0), clusters[cluster_name(0)], clusters[cluster_name(0)]
         losses = {name: probe(adapter) for name, adapter in clusters.items()}
         best = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower cluster id
-        return best, clusters[best]
+        return best, clusters[best], clusters[best]  # the probes already downloaded every cluster
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         if round_idx < self.warmup_rounds:
@@ -86,6 +86,12 @@ class IFCA:
             for u in members:
                 assign[u.client] = j
         return {**state, "assign": assign}
+
+    def upload(self, client: int, state: State, adapter: State) -> State:
+        return adapter
+
+    def base_delta(self, state: State) -> State:
+        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)
