@@ -1,0 +1,178 @@
+"""What every run holds: the loaded model, data, network and strategy (Context), the checkpointed
+run state, evaluation under each adapter, and the frozen base weights a strategy may merge into."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from edgelam.config import RunConfig
+from edgelam.data.build import FederatedData, build_federated_data
+from edgelam.fl.evaluate import evaluate_tasks, loss_sum
+from edgelam.fl.strategies import STRATEGIES
+from edgelam.fl.strategies.base import GLOBAL, Population, State, Strategy
+from edgelam.models.flops import FlopModel, flop_model, forward_flops, lora_train_flops
+from edgelam.models.load import load_base
+from edgelam.models.lora import attach_lora, get_adapter_state, serialize, set_adapter_state
+from edgelam.net.topology import Topology, client_round_cost, expected_link, place_devices
+from edgelam.store import atomic_write_bytes, rng_for
+
+CHECKPOINT = "state/checkpoint.safetensors"
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs beyond the config: saved after every completed round."""
+
+    round: int
+    sim_time_s: float
+    state: State  # the strategy's flat server state (adapters, optimizer moments, assignments)
+    totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0})
+
+
+def save_checkpoint(path: Path, st: RunState) -> None:
+    meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals}
+    tensors = {k: v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
+    atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path) -> RunState:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {})["edgelam"])
+    return RunState(meta["round"], meta["sim_time_s"], load_file(str(path)), meta["totals"])
+
+
+class Prober:
+    """A client's loss on (up to 16 of) its training examples under a given adapter.
+
+    Each call is charged to the client: the adapter's bytes on the downlink, the forward FLOPs
+    on its compute (IFCA downloads every cluster model and evaluates each locally).
+    """
+
+    def __init__(self, ctx: "Context", client: int, max_examples: int = 16) -> None:
+        self.ctx, self.data = ctx, ctx.data.clients[client].train[:max_examples]
+        self.bytes_down, self.flops = 0, 0.0
+
+    def __call__(self, adapter: State) -> float:
+        set_adapter_state(self.ctx.model, adapter)
+        total, count = loss_sum(self.ctx.model, self.data, self.ctx.cfg.eval.batch_size, self.ctx.pad_id)
+        self.bytes_down += len(serialize(adapter))
+        width = max(len(e.input_ids) for e in self.data)
+        self.flops += forward_flops(self.ctx.flops, width * len(self.data), width)
+        return total / max(count, 1)
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    model: Any  # PeftModel
+    tokenizer: Any
+    data: FederatedData
+    topology: Topology
+    strategy: Strategy
+    flops: FlopModel
+    pad_id: int
+    base: "BaseWeights"
+
+
+def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
+    zeros = {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0, "bytes_up_total": 0, "bytes_down_total": 0,
+             "energy_j_total": 0.0}
+    return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
+            "client_stats": [], "wall_s": 0.0, **evaluate(ctx, st)}
+
+
+def task_adapters(ctx: Context, assignment: list[str]) -> dict[str, str]:
+    """Each task is evaluated on the adapter most of the clients holding it belong to."""
+    votes: dict[str, dict[str, int]] = {}
+    for c in ctx.data.clients:
+        for t in c.tasks:
+            votes.setdefault(t, {}).setdefault(assignment[c.id], 0)
+            votes[t][assignment[c.id]] += 1
+    fallback = assignment[0] if assignment else GLOBAL
+    return {t: max(sorted(votes.get(t, {fallback: 1}).items()), key=lambda kv: kv[1])[0] for t in ctx.data.global_eval}
+
+
+def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
+    ev = ctx.cfg.eval
+    ctx.base.apply(ctx.strategy.base_delta(st.state))
+    adapters = ctx.strategy.adapters(st.state)
+    assignment = ctx.strategy.assignment(st.state, len(ctx.data.clients))
+    by_task = task_adapters(ctx, assignment)
+    out: dict[str, Any] = {"eval_tasks": {}}
+    total, count = 0.0, 0
+    for name, adapter in adapters.items():
+        set_adapter_state(ctx.model, adapter)
+        tasks = {t: d for t, d in ctx.data.global_eval.items() if by_task[t] == name}
+        res = evaluate_tasks(ctx.model, tasks, ev.batch_size, ctx.pad_id, ev.max_per_task)
+        out["eval_tasks"] |= {t: {**v, "adapter": name} for t, v in res["eval_tasks"].items()}
+        total, count = total + res["loss_sum"], count + res["tokens"]
+        if ev.client_heldout:
+            sums = [loss_sum(ctx.model, c.heldout, ev.batch_size, ctx.pad_id)
+                    for c in ctx.data.clients if c.heldout and assignment[c.id] == name]
+            out.setdefault("_held", []).extend(sums)
+    out["eval_loss"] = total / count if count else float("nan")
+    out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+    if ev.client_heldout:
+        held = out.pop("_held", [])
+        tokens = sum(n for _, n in held)
+        out["client_eval_loss"] = sum(s for s, _ in held) / tokens if tokens else None
+    if len(adapters) > 1:
+        out["assignment"] = assignment
+    return out
+
+
+def setup(cfg: RunConfig) -> Context:
+    """Load the model (once per process), the data and the network for ``cfg``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
+    model = attach_lora(base.model, cfg.model.lora, seed=cfg.seed)
+    data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
+    strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
+    topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, 1))
+    return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id),
+                   BaseWeights(model))
+
+
+class BaseWeights:
+    """The frozen weights of the LoRA-adapted layers, kept so a strategy's dense delta can be
+    merged in (W = W0 + delta) and taken out again; the base model is shared, so it must be."""
+
+    def __init__(self, model: Any) -> None:
+        self.layers = {name: mod.base_layer for name, mod in model.named_modules() if hasattr(mod, "base_layer")}
+        self.original = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self.applied: State = {}
+
+    def apply(self, delta: State) -> None:
+        if not delta and not self.applied:
+            return
+        unknown = sorted(set(delta) - set(self.layers))[:3]
+        assert not unknown, f"base delta names modules the model does not adapt: {unknown}"
+        with torch.no_grad():
+            for name in set(self.applied) | set(delta):
+                w = self.original[name]
+                self.layers[name].weight.copy_(w + delta[name].to(w.dtype) if name in delta else w)
+        self.applied = dict(delta)
+
+
+def population(ctx: Context) -> Population:
+    """Device facts the server may use (resource clustering, rank rules): speed, memory, expected latency."""
+    cfg, devs = ctx.cfg, ctx.topology.devices
+    adapter_bytes = len(serialize(get_adapter_state(ctx.model)))
+    mean_tokens = [cfg.train.batch_size * max(len(e.input_ids) for e in c.train) for c in ctx.data.clients]
+    latency = []
+    for d, tokens in zip(devs, mean_tokens):
+        link = expected_link(cfg.net, d, len(devs))
+        flops = lora_train_flops(ctx.flops, tokens, tokens // cfg.train.batch_size) * cfg.train.local_steps
+        latency.append(client_round_cost(cfg.net, d, link, adapter_bytes, adapter_bytes, flops).total_s)
+    lora = cfg.model.lora
+    return Population(len(devs), [d.flops_per_s for d in devs], [d.memory_gb for d in devs], latency, lora.alpha / lora.r)
