@@ -206,6 +206,25 @@ class RankConfig:
 
 
 @dataclass(frozen=True)
+class AsyncConfig:
+    """Asynchronous federated LoRA (fl.strategy fedasync | fedbuff)."""
+
+    alpha: float = 0.6  # fedasync mixing weight (Xie et al. 2019: 0.6 / 0.9)
+    staleness: str = "polynomial"  # constant | polynomial | hinge
+    a: float = 0.5  # polynomial exponent; hinge slope
+    b: float = 4.0  # hinge threshold
+    buffer_size: int = 3  # fedbuff K
+    server_lr: float = 1.0  # fedbuff eta_g
+
+    def __post_init__(self) -> None:
+        _require(0 < self.alpha <= 1, "fl.asynchronous.alpha", "must be in (0, 1]", self.alpha)
+        _one_of(self.staleness, "fl.asynchronous.staleness", ["constant", "polynomial", "hinge"])
+        _require(self.a >= 0 and self.b >= 0, "fl.asynchronous.a/b", "must be >= 0", (self.a, self.b))
+        _require(self.buffer_size >= 1, "fl.asynchronous.buffer_size", "must be >= 1", self.buffer_size)
+        _require(self.server_lr > 0, "fl.asynchronous.server_lr", "must be > 0", self.server_lr)
+
+
+@dataclass(frozen=True)
 class FLConfig:
     strategy: str = "fedavg"
     rounds: int = 2
@@ -217,6 +236,9 @@ class FLConfig:
     tau: float = 1e-3  # fedadam adaptivity
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    # synchronous schemes: drop clients not back within this many simulated seconds (null = wait for all)
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         from edgelam.fl.strategies import STRATEGIES
@@ -228,6 +250,8 @@ class FLConfig:
         _require(0 <= self.server_momentum < 1, "fl.server_momentum", "must be in [0, 1)", self.server_momentum)
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "fl.beta1/beta2", "must be in [0, 1)", (self.beta1, self.beta2))
         _require(self.tau > 0, "fl.tau", "must be > 0", self.tau)
+        if self.deadline_s is not None:
+            _require(self.deadline_s > 0, "fl.deadline_s", "must be > 0 or null", self.deadline_s)
 
 
 @dataclass(frozen=True)

@@ -45,3 +45,26 @@ def adam_step(global_state: State, delta: State, m: State, v: State, lr: float, 
 
 def zeros_like(state: State) -> State:
     return {k: torch.zeros_like(t) for k, t in state.items()}
+
+
+def staleness_weight(kind: str, tau: int, a: float = 0.5, b: float = 4.0) -> float:
+    """FedAsync's s(t - tau) (Xie et al. 2019, sec. 5.2): constant 1; polynomial (tau + 1)^-a;
+    hinge 1 if tau <= b else 1 / (a (tau - b) + 1)."""
+    assert tau >= 0, f"staleness must be >= 0 (got {tau})"
+    if kind == "constant":
+        return 1.0
+    if kind == "polynomial":
+        return float((tau + 1) ** (-a))
+    if kind == "hinge":
+        return 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
+    raise ValueError(f"unknown staleness function '{kind}'; allowed: constant, polynomial, hinge")
+
+
+def mix(global_state: State, local: State, alpha_t: float) -> State:
+    """FedAsync: x <- (1 - alpha_t) x + alpha_t x_new."""
+    return {k: (1 - alpha_t) * global_state[k] + alpha_t * local[k] for k in global_state}
+
+
+def buffered_step(global_state: State, buffer: State, count: int, lr: float) -> State:
+    """FedBuff (Nguyen et al. 2022): x <- x - eta_g * (sum_i s(tau_i) Delta_i) / K."""
+    return {k: global_state[k] - lr * buffer[k] / count for k in global_state}

@@ -34,11 +34,14 @@ class RunState:
     sim_time_s: float
     state: State  # the strategy's flat server state (adapters, optimizer moments, assignments)
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0})
+    aux: State = field(default_factory=dict)  # driver tensors (asynchronous: updates in flight)
+    aux_meta: dict[str, Any] = field(default_factory=dict)  # driver facts (asynchronous: jobs in flight)
 
 
 def save_checkpoint(path: Path, st: RunState) -> None:
-    meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals}
-    tensors = {k: v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
+    meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals, "aux": st.aux_meta}
+    tensors = {f"state.{k}": v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
+    tensors |= {f"aux.{k}": v.detach().clone() for k, v in st.aux.items()}
     atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
 
 
@@ -47,7 +50,9 @@ def load_checkpoint(path: Path) -> RunState:
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {})["edgelam"])
-    return RunState(meta["round"], meta["sim_time_s"], load_file(str(path)), meta["totals"])
+    tensors = load_file(str(path))
+    part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
+    return RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
 
 
 class Prober:

@@ -36,69 +36,27 @@ from edgelam.fl.context import (
     task_adapters,
 )
 from edgelam.fl.evaluate import generate_answers
-from edgelam.fl.strategies.base import GLOBAL, State
+from edgelam.fl.events import run_async
+from edgelam.fl.rounds import metrics_row, run_round
+from edgelam.fl.strategies.base import GLOBAL, AsyncStrategy, State
 from edgelam.models.lora import get_adapter_state, save_adapter, serialize, set_adapter_state
-from edgelam.net.topology import ClientCost, client_round_cost, draw_links
+from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
 from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, rng_for, to_json_line, torch_seed_for
 
 
-@dataclass(frozen=True)
-class RoundResult:
-    updates: list[ClientUpdate]
-    costs: dict[int, ClientCost]
-    end_time_s: float
-
-
-def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> RoundResult:
-    """Dispatch, train and collect the selected clients on the simulated clock."""
-    cfg = ctx.cfg
-    links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, 2, round_idx))
-    updates: dict[int, ClientUpdate] = {}
-    costs: dict[int, ClientCost] = {}
-
-    def client(k: int):  # type: ignore[no-untyped-def]
-        # The cost needs the real update size, so training runs first (in zero simulated time)
-        # and the process then waits out downlink, compute and uplink in order.
-        probe = Prober(ctx, k)
-        name, start, payload = ctx.strategy.dispatch(k, st.state, round_idx, probe)
-        upd = local_train(ctx.model, start, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu,
-                          torch_seed_for(cfg.seed, 3, round_idx, k), ctx.pad_id, ctx.flops, client=k)
-        # the server sees only what crossed the uplink
-        upd = dataclasses.replace(upd, adapter=name, state=ctx.strategy.upload(k, st.state, upd.state))
-        bytes_down = probe.bytes_down or len(serialize(payload))
-        cost = client_round_cost(cfg.net, ctx.topology.devices[k], links[k], bytes_down, len(serialize(upd.state)),
-                                 upd.flops + probe.flops)
-        yield env.timeout(cost.t_down_s)
-        yield env.timeout(cost.t_comp_s)
-        yield env.timeout(cost.t_up_s)
-        updates[k], costs[k] = upd, cost
-
-    procs = [env.process(client(k)) for k in selected]
-    env.run(until=env.all_of(procs))
-    return RoundResult([updates[k] for k in selected], costs, float(env.now))
-
-
-def metrics_row(ctx: Context, st: RunState, round_idx: int, res: RoundResult, wall_s: float) -> dict[str, Any]:
-    n = sum(u.num_samples for u in res.updates)
-    up = sum(c.bytes_up for c in res.costs.values())
-    down = sum(c.bytes_down for c in res.costs.values())
-    energy = sum(c.e_tx_j + c.e_comp_j for c in res.costs.values())
-    st.totals = {"bytes_up": st.totals["bytes_up"] + up, "bytes_down": st.totals["bytes_down"] + down,
-                 "energy_j": st.totals["energy_j"] + energy}
-    return {
-        "round": round_idx, "sim_time_s": res.end_time_s, "round_time_s": res.end_time_s - st.sim_time_s,
-        "train_loss": sum(u.train_loss * u.num_samples for u in res.updates) / n,
-        "bytes_up": up, "bytes_down": down, "energy_j": energy,
-        "bytes_up_total": st.totals["bytes_up"], "bytes_down_total": st.totals["bytes_down"],
-        "energy_j_total": st.totals["energy_j"],
-        "clients": [u.client for u in res.updates],
-        "client_stats": [{
-            "client": u.client, "adapter": u.adapter, "samples": u.num_samples, "train_loss": u.train_loss, "steps": u.steps,
-            "tokens": u.tokens, "flops": u.flops, "t_down_s": c.t_down_s, "t_comp_s": c.t_comp_s, "t_up_s": c.t_up_s,
-            "energy_tx_j": c.e_tx_j, "energy_comp_j": c.e_comp_j, "bytes_up": c.bytes_up,
-        } for u in res.updates for c in [res.costs[u.client]]],
-        "wall_s": wall_s,
-    }
+def commit_round(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], row: dict[str, Any],
+                 on_round: Callable[[dict[str, Any]], None] | None) -> None:
+    """Evaluate when due, append the metrics line, then checkpoint: the order a resume relies on."""
+    ev: dict[str, Any] = {"eval_loss": None, "eval_ppl": None, "eval_tasks": None}
+    if st.round % ctx.cfg.eval.every == 0 or st.round == ctx.cfg.fl.rounds:
+        ev = evaluate(ctx, st)
+    row |= ev
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(to_json_line(row) + "\n")
+    save_checkpoint(out / CHECKPOINT, st)
+    rows.append(row)
+    if on_round:
+        on_round(row)
 
 
 def _save_adapter_atomic(ctx: Context, state: State, path: Path) -> None:
@@ -177,26 +135,22 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
             save_checkpoint(ckpt, st)
         if on_start:
             on_start(st.round, cfg.fl.rounds)
-        # --- rounds ---
+        def wall() -> float:
+            return wall_before + time.perf_counter() - t0
+
+        if isinstance(ctx.strategy, AsyncStrategy):
+            run_async(ctx, st, lambda row: commit_round(ctx, st, out, rows, row, on_round), wall)
+        # --- synchronous rounds ---
         for r in range(st.round + 1, cfg.fl.rounds + 1):
             env = simpy.Environment(initial_time=st.sim_time_s)
             selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, 4, r))
             ctx.base.apply(ctx.strategy.base_delta(st.state))
             res = run_round(env, ctx, st, selected, r)
-            new_state = ctx.strategy.aggregate(st.state, res.updates, r)
-            row = metrics_row(ctx, st, r, res, wall_before + time.perf_counter() - t0)
+            new_state = ctx.strategy.aggregate(st.state, [j.update for j in res.jobs], r) if res.jobs else st.state
+            row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped)
             st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
-            ev: dict[str, Any] = {"eval_loss": None, "eval_ppl": None, "eval_tasks": None}
-            if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
-                ev = evaluate(ctx, st)
-            row |= ev
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(to_json_line(row) + "\n")
-            save_checkpoint(ckpt, st)
-            rows.append(row)
-            if on_round:
-                on_round(row)
-        return finish(ctx, st, out, rows, wall_before + time.perf_counter() - t0)
+            commit_round(ctx, st, out, rows, row, on_round)
+        return finish(ctx, st, out, rows, wall())
     finally:
         ctx.base.apply({})  # give the shared base model back as loaded, without LoRA layers
         ctx.model.unload()

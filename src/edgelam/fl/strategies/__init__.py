@@ -6,6 +6,8 @@ from typing import Any
 
 from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
+from edgelam.fl.strategies.fedasync import FedAsync
+from edgelam.fl.strategies.fedbuff import FedBuff
 from edgelam.fl.strategies.fedavg import FedAvg
 from edgelam.fl.strategies.fedavgm import FedAvgM
 from edgelam.fl.strategies.flexlora import FlexLoRA
@@ -23,6 +25,8 @@ STRATEGIES: dict[str, Any] = {
     "ifca": IFCA,
     "cfl": CFL,
     "rescluster": ResourceClusters,
+    "fedasync": FedAsync,
+    "fedbuff": FedBuff,
     "hetlora": HetLoRA,
     "flora": FLoRA,
     "flexlora": FlexLoRA,
@@ -36,6 +40,8 @@ DESCRIPTIONS: dict[str, str] = {
     "ifca": "clustered: clients pick the cluster adapter with the lowest loss (fl.cluster.num_clusters, warmup_rounds)",
     "cfl": "clustered: recursive bipartition by update cosine similarity (fl.cluster.eps1, eps2, max_clusters)",
     "rescluster": "clustered: k-means on device speed and round latency (fl.cluster.num_clusters)",
+    "fedasync": "asynchronous: mix each arriving update, alpha * s(staleness) (fl.asynchronous.*)",
+    "fedbuff": "asynchronous: buffer K staleness-weighted deltas, then step (fl.asynchronous.buffer_size)",
     "hetlora": "heterogeneous ranks (fl.rank.ranks, rule), zero-padding aggregation",
     "flora": "heterogeneous ranks, stacking: exact sum of B_k A_k merged into the base each round",
     "flexlora": "heterogeneous ranks, SVD of the aggregated update redistributed at each client's rank",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
@@ -75,6 +75,15 @@ class Strategy(Protocol):
 
     def assignment(self, state: State, num_clients: int) -> list[str]:
         """The adapter name each client belongs to now."""
+        ...
+
+
+@runtime_checkable
+class AsyncStrategy(Protocol):
+    """A scheme without rounds: the server folds in each update as it arrives."""
+
+    def on_arrival(self, state: State, update: Update, start: State, staleness: int) -> tuple[State, bool]:
+        """(new state, whether the global model changed: a new version)."""
         ...
 
 

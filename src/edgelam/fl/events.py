@@ -1,0 +1,98 @@
+"""Asynchronous schemes on the event clock: no rounds, no barrier.
+
+Every active device loops: read the current global adapter, train (real compute), upload. The
+server folds each arrival in with the strategy's ``on_arrival``; every new global version is one
+metrics line ("round"), evaluated and checkpointed like a synchronous round. A checkpoint also
+holds the jobs in flight (their already computed updates and arrival times), so a resumed run
+replays exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import simpy
+
+from edgelam.fl.client import ClientUpdate
+from edgelam.fl.context import Context, RunState
+from edgelam.fl.rounds import Job, metrics_row, start_job
+from edgelam.fl.strategies.base import AsyncStrategy, get_prefixed, put_prefixed
+from edgelam.net.topology import ClientCost, link_state
+from edgelam.store import rng_for, torch_seed_for
+
+
+def _dispatch(ctx: Context, st: RunState, k: int, counts: dict[int, int], share: dict[int, int], now: float) -> Job:
+    """Client k's next trip; its fading and training seed depend on (seed, k, trip number) only."""
+    n = counts.get(k, 0)
+    counts[k] = n + 1
+    cfg, dev = ctx.cfg, ctx.topology.devices[k]
+    fading = float(rng_for(cfg.seed, 6, k, n).exponential(1.0)) if cfg.net.fading == "rayleigh" else 1.0
+    link = link_state(cfg.net, dev, dev.large_scale_gain * fading, share[dev.edge])
+    ctx.base.apply(ctx.strategy.base_delta(st.state))
+    return start_job(ctx, st.state, st.round, k, link, torch_seed_for(cfg.seed, 5, k, n), now)
+
+
+def _pack(jobs: dict[int, Job]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Jobs in flight as checkpoint tensors and JSON facts."""
+    tensors: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for k, j in jobs.items():
+        tensors |= put_prefixed(f"{k}.update", j.update.state) | put_prefixed(f"{k}.start", j.start)
+        upd = {f.name: getattr(j.update, f.name) for f in dataclasses.fields(j.update) if f.name != "state"}
+        meta[str(k)] = {"version": j.version, "arrival_s": j.arrival_s, "update": upd, "cost": dataclasses.asdict(j.cost)}
+    return tensors, meta
+
+
+def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
+    jobs = {}
+    for key, m in meta.items():
+        k = int(key)
+        upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **m["update"])
+        jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"])
+    return jobs
+
+
+def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], None], wall: Callable[[], float]) -> None:
+    """Advance ``st`` until ``fl.rounds`` global versions exist, calling ``commit`` for each."""
+    strategy = ctx.strategy
+    assert isinstance(strategy, AsyncStrategy), f"{ctx.cfg.fl.strategy} has no on_arrival"
+    cfg = ctx.cfg
+    active = strategy.select(0, len(ctx.data.clients), rng_for(cfg.seed, 4, 0))
+    share: dict[int, int] = {}
+    for k in active:  # every active device transmits now and then: each edge splits its band among them
+        share[ctx.topology.devices[k].edge] = share.get(ctx.topology.devices[k].edge, 0) + 1
+    counts = {int(k): int(v) for k, v in st.aux_meta.get("counts", {}).items()}
+    in_flight = _unpack(st.aux, st.aux_meta.get("jobs", {}))
+    env = simpy.Environment(initial_time=st.sim_time_s)
+    inbox = simpy.Store(env)
+    pending: list[tuple[Job, int]] = []  # arrivals since the last version, with their staleness
+
+    def trip(k: int, job: Job | None = None):  # type: ignore[no-untyped-def]
+        job = job or _dispatch(ctx, st, k, counts, share, env.now)
+        in_flight[k] = job
+        yield env.timeout(max(0.0, job.arrival_s - env.now))
+        del in_flight[k]
+        yield inbox.put(job)
+
+    def server():  # type: ignore[no-untyped-def]
+        while st.round < cfg.fl.rounds:
+            job: Job = yield inbox.get()
+            staleness = st.round - job.version
+            st.state, changed = strategy.on_arrival(st.state, job.update, job.start, staleness)
+            pending.append((job, staleness))
+            if changed:
+                row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(),
+                                  staleness=[s for _, s in pending])
+                st.round, st.sim_time_s = st.round + 1, float(env.now)
+                st.aux, jobs_meta = _pack(in_flight)
+                st.aux_meta = {"counts": counts, "jobs": jobs_meta}
+                commit(row)
+                pending.clear()
+            if st.round < cfg.fl.rounds:
+                env.process(trip(job.client))  # straight back to work with the newest model
+
+    for k in active:
+        env.process(trip(k, in_flight.get(k)))
+    env.run(until=env.process(server()))

@@ -1,0 +1,107 @@
+"""A client's trip (dispatch, real training, priced transfers) and a synchronous round of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+
+from edgelam.fl.client import ClientUpdate, local_train
+from edgelam.fl.context import Context, Prober, RunState
+from edgelam.fl.strategies.base import State
+from edgelam.models.lora import serialize
+from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
+from edgelam.store import rng_for, torch_seed_for
+
+
+@dataclass(frozen=True)
+class Job:
+    """One client's trip: what it read, what it sent back, what it cost, when it arrives."""
+
+    client: int
+    version: int  # the round / server version it read
+    start: State  # the adapter it started from
+    update: ClientUpdate
+    cost: ClientCost
+    arrival_s: float
+
+
+def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float) -> Job:
+    """Dispatch to client ``k``, train for real, and price the trip on its link.
+
+    The cost needs the real update size, so training runs first (in zero simulated time); the
+    caller's clock then waits out downlink, compute and uplink.
+    """
+    cfg = ctx.cfg
+    probe = Prober(ctx, k)
+    name, start, payload = ctx.strategy.dispatch(k, state, version, probe)
+    upd = local_train(ctx.model, start, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu, seed,
+                      ctx.pad_id, ctx.flops, client=k)
+    # the server sees only what crossed the uplink
+    upd = dataclasses.replace(upd, adapter=name, state=ctx.strategy.upload(k, state, upd.state))
+    bytes_down = probe.bytes_down or len(serialize(payload))
+    cost = client_round_cost(cfg.net, ctx.topology.devices[k], link, bytes_down, len(serialize(upd.state)),
+                             upd.flops + probe.flops)
+    return Job(k, version, start, upd, cost, now + cost.total_s)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    jobs: list[Job]  # arrived in time, in client order
+    dropped: list[Job]  # missed the deadline: their work is charged, their update discarded
+    end_time_s: float
+
+
+def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> RoundResult:
+    """Dispatch, train and collect the selected clients on the simulated clock (barrier or deadline)."""
+    cfg = ctx.cfg
+    links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, 2, round_idx))
+    arrived: dict[int, Job] = {}
+    jobs = {k: start_job(ctx, st.state, round_idx, k, links[k], torch_seed_for(cfg.seed, 3, round_idx, k), env.now)
+            for k in selected}
+
+    def client(job: Job):  # type: ignore[no-untyped-def]
+        yield env.timeout(job.cost.t_down_s)
+        yield env.timeout(job.cost.t_comp_s)
+        yield env.timeout(job.cost.t_up_s)
+        arrived[job.client] = job
+
+    everyone = env.all_of([env.process(client(jobs[k])) for k in selected])
+    if cfg.fl.deadline_s is None:
+        env.run(until=everyone)
+    else:
+        env.run(until=env.any_of([everyone, env.timeout(cfg.fl.deadline_s)]))
+    done = [jobs[k] for k in selected if k in arrived]
+    return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now))
+
+
+def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,
+                dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None) -> dict[str, Any]:
+    """One metrics line; dropped clients are charged their download and compute, not an upload."""
+    stale = list(staleness) if staleness is not None else [0] * len(jobs)
+    ups = [j.update for j in jobs]
+    n = sum(u.num_samples for u in ups)
+    up = sum(j.cost.bytes_up for j in jobs)
+    down = sum(j.cost.bytes_down for j in [*jobs, *dropped])
+    energy = sum(j.cost.e_tx_j + j.cost.e_comp_j for j in jobs) + sum(j.cost.e_comp_j for j in dropped)
+    st.totals = {"bytes_up": st.totals["bytes_up"] + up, "bytes_down": st.totals["bytes_down"] + down,
+                 "energy_j": st.totals["energy_j"] + energy}
+    return {
+        "round": round_idx, "sim_time_s": end_time_s, "round_time_s": end_time_s - st.sim_time_s,
+        "train_loss": sum(u.train_loss * u.num_samples for u in ups) / n if n else None,
+        "bytes_up": up, "bytes_down": down, "energy_j": energy,
+        "bytes_up_total": st.totals["bytes_up"], "bytes_down_total": st.totals["bytes_down"],
+        "energy_j_total": st.totals["energy_j"],
+        "clients": [u.client for u in ups], "dropped": [j.client for j in dropped],
+        "client_stats": [{
+            "client": j.client, "adapter": j.update.adapter, "samples": j.update.num_samples,
+            "train_loss": j.update.train_loss, "steps": j.update.steps, "tokens": j.update.tokens, "flops": j.update.flops,
+            "t_down_s": j.cost.t_down_s, "t_comp_s": j.cost.t_comp_s, "t_up_s": j.cost.t_up_s,
+            "energy_tx_j": j.cost.e_tx_j, "energy_comp_j": j.cost.e_comp_j, "bytes_up": j.cost.bytes_up,
+            "staleness": tau,
+        } for j, tau in zip(jobs, stale)],
+        "wall_s": wall_s,
+    }

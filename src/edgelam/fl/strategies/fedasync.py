@@ -1,0 +1,36 @@
+"""FedAsync (Xie, Koyejo, Gupta 2019, arXiv 1903.03934) over LoRA adapters, on the event clock.
+
+Every active device trains at its own speed with no barrier; each arriving update is mixed in at
+once: x <- (1 - a_t) x + a_t x_new with a_t = alpha * s(staleness), staleness = the number of
+versions the server advanced since the device read the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgelam.config import AsyncConfig, FLConfig, TrainConfig
+from edgelam.fl.aggregate import mix, staleness_weight
+from edgelam.fl.strategies.base import GLOBAL, State, Update, get_prefixed, replace_prefixed
+from edgelam.fl.strategies.fedavg import FedAvg
+
+
+@dataclass(frozen=True)
+class FedAsync(FedAvg):
+    """FedAvg's selection (the active devices) and dispatch; aggregation on each arrival."""
+
+    settings: AsyncConfig = AsyncConfig()
+    name: str = "fedasync"
+
+    @classmethod
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAsync":
+        return cls(fraction=fl.fraction, settings=fl.asynchronous, prox_mu=train.prox_mu)
+
+    def on_arrival(self, state: State, update: Update, start: State, staleness: int) -> tuple[State, bool]:
+        s = self.settings
+        alpha_t = s.alpha * staleness_weight(s.staleness, staleness, s.a, s.b)
+        return replace_prefixed(state, GLOBAL, mix(get_prefixed(state, GLOBAL), update.state, alpha_t)), True
+
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
+        raise AssertionError("fedasync aggregates on arrival; the orchestrator calls on_arrival")
