@@ -225,6 +225,18 @@ class AsyncConfig:
 
 
 @dataclass(frozen=True)
+class HierConfig:
+    """Hierarchical federated LoRA (fl.strategy hierfavg): device -> edge server -> cloud."""
+
+    kappa1: int = 2  # local steps between edge aggregations (replaces train.local_steps)
+    kappa2: int = 2  # edge aggregations per cloud aggregation (one cloud aggregation = one round)
+
+    def __post_init__(self) -> None:
+        _require(self.kappa1 >= 1, "fl.hier.kappa1", "must be >= 1", self.kappa1)
+        _require(self.kappa2 >= 1, "fl.hier.kappa2", "must be >= 1", self.kappa2)
+
+
+@dataclass(frozen=True)
 class FLConfig:
     strategy: str = "fedavg"
     rounds: int = 2
@@ -237,6 +249,7 @@ class FLConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    hier: HierConfig = field(default_factory=HierConfig)
     # synchronous schemes: drop clients not back within this many simulated seconds (null = wait for all)
     deadline_s: float | None = None
 

@@ -89,8 +89,8 @@ class Context:
 
 
 def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
-    zeros = {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0, "bytes_up_total": 0, "bytes_down_total": 0,
-             "energy_j_total": 0.0}
+    keys = ("bytes_up", "bytes_down", "bytes_backhaul_up", "bytes_backhaul_down", "energy_j")
+    zeros = {k: 0 for k in keys} | {f"{k}_total": 0 for k in keys}
     return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
             "client_stats": [], "wall_s": 0.0, **evaluate(ctx, st)}
 

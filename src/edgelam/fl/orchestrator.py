@@ -37,6 +37,8 @@ from edgelam.fl.context import (
 )
 from edgelam.fl.evaluate import generate_answers
 from edgelam.fl.events import run_async
+from edgelam.fl.hierarchy import run_hier_round
+from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.fl.rounds import metrics_row, run_round
 from edgelam.fl.strategies.base import GLOBAL, AsyncStrategy, State
 from edgelam.models.lora import get_adapter_state, save_adapter, serialize, set_adapter_state
@@ -103,8 +105,7 @@ def finish(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], wa
         "rounds": st.round, "sim_time_s": st.sim_time_s, "final_eval_loss": last_eval["eval_loss"],
         "final_eval_ppl": last_eval["eval_ppl"], "final_eval_tasks": last_eval["eval_tasks"],
         "first_eval_loss": next(r["eval_loss"] for r in rows if r.get("eval_loss") is not None),
-        "bytes_up_total": st.totals["bytes_up"], "bytes_down_total": st.totals["bytes_down"],
-        "energy_j_total": st.totals["energy_j"], "adapter": str(next(iter(paths.values()))),
+        **{f"{k}_total": v for k, v in st.totals.items()}, "adapter": str(next(iter(paths.values()))),
         "adapters": {k: str(v) for k, v in paths.items()}, "plot": str(out / "plots" / "curves.png"),
         "wall_s": wall_s,
     }
@@ -145,9 +146,18 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
             env = simpy.Environment(initial_time=st.sim_time_s)
             selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, 4, r))
             ctx.base.apply(ctx.strategy.base_delta(st.state))
+            if isinstance(ctx.strategy, HierFAVG):
+                hres = run_hier_round(env, ctx, st, selected, r)
+                new_state = ctx.strategy.aggregate(st.state, hres.edge_updates, r)
+                row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
+                st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
+                commit_round(ctx, st, out, rows, row, on_round)
+                continue
             res = run_round(env, ctx, st, selected, r)
             new_state = ctx.strategy.aggregate(st.state, [j.update for j in res.jobs], r) if res.jobs else st.state
-            row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped)
+            via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
+            backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
+            row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0))
             st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
             commit_round(ctx, st, out, rows, row, on_round)
         return finish(ctx, st, out, rows, wall())

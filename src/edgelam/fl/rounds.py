@@ -9,6 +9,7 @@ from typing import Any
 
 import simpy
 
+from edgelam.config import NetConfig, TrainConfig
 from edgelam.fl.client import ClientUpdate, local_train
 from edgelam.fl.context import Context, Prober, RunState
 from edgelam.fl.strategies.base import State
@@ -29,7 +30,8 @@ class Job:
     arrival_s: float
 
 
-def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float) -> Job:
+def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float,
+              train: TrainConfig | None = None, net: NetConfig | None = None) -> Job:
     """Dispatch to client ``k``, train for real, and price the trip on its link.
 
     The cost needs the real update size, so training runs first (in zero simulated time); the
@@ -38,12 +40,12 @@ def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState,
     cfg = ctx.cfg
     probe = Prober(ctx, k)
     name, start, payload = ctx.strategy.dispatch(k, state, version, probe)
-    upd = local_train(ctx.model, start, ctx.data.clients[k].train, cfg.train, ctx.strategy.prox_mu, seed,
+    upd = local_train(ctx.model, start, ctx.data.clients[k].train, train or cfg.train, ctx.strategy.prox_mu, seed,
                       ctx.pad_id, ctx.flops, client=k)
     # the server sees only what crossed the uplink
     upd = dataclasses.replace(upd, adapter=name, state=ctx.strategy.upload(k, state, upd.state))
     bytes_down = probe.bytes_down or len(serialize(payload))
-    cost = client_round_cost(cfg.net, ctx.topology.devices[k], link, bytes_down, len(serialize(upd.state)),
+    cost = client_round_cost(net or cfg.net, ctx.topology.devices[k], link, bytes_down, len(serialize(upd.state)),
                              upd.flops + probe.flops)
     return Job(k, version, start, upd, cost, now + cost.total_s)
 
@@ -79,22 +81,24 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
 
 
 def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,
-                dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None) -> dict[str, Any]:
-    """One metrics line; dropped clients are charged their download and compute, not an upload."""
+                dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None,
+                backhaul: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """One metrics line. Dropped clients are charged their download and compute, not an upload.
+    ``backhaul`` is (bytes up, bytes down) over the wired edge-cloud links this round."""
     stale = list(staleness) if staleness is not None else [0] * len(jobs)
     ups = [j.update for j in jobs]
     n = sum(u.num_samples for u in ups)
-    up = sum(j.cost.bytes_up for j in jobs)
-    down = sum(j.cost.bytes_down for j in [*jobs, *dropped])
-    energy = sum(j.cost.e_tx_j + j.cost.e_comp_j for j in jobs) + sum(j.cost.e_comp_j for j in dropped)
-    st.totals = {"bytes_up": st.totals["bytes_up"] + up, "bytes_down": st.totals["bytes_down"] + down,
-                 "energy_j": st.totals["energy_j"] + energy}
+    step = {
+        "bytes_up": sum(j.cost.bytes_up for j in jobs),
+        "bytes_down": sum(j.cost.bytes_down for j in [*jobs, *dropped]),
+        "bytes_backhaul_up": backhaul[0], "bytes_backhaul_down": backhaul[1],
+        "energy_j": sum(j.cost.e_tx_j + j.cost.e_comp_j for j in jobs) + sum(j.cost.e_comp_j for j in dropped),
+    }
+    st.totals = {k: st.totals.get(k, 0) + v for k, v in step.items()}
     return {
         "round": round_idx, "sim_time_s": end_time_s, "round_time_s": end_time_s - st.sim_time_s,
         "train_loss": sum(u.train_loss * u.num_samples for u in ups) / n if n else None,
-        "bytes_up": up, "bytes_down": down, "energy_j": energy,
-        "bytes_up_total": st.totals["bytes_up"], "bytes_down_total": st.totals["bytes_down"],
-        "energy_j_total": st.totals["energy_j"],
+        **step, **{f"{k}_total": v for k, v in st.totals.items()},
         "clients": [u.client for u in ups], "dropped": [j.client for j in dropped],
         "client_stats": [{
             "client": j.client, "adapter": j.update.adapter, "samples": j.update.num_samples,

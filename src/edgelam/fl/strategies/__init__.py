@@ -14,6 +14,7 @@ from edgelam.fl.strategies.flexlora import FlexLoRA
 from edgelam.fl.strategies.flora import FLoRA
 from edgelam.fl.strategies.fedprox import FedProx
 from edgelam.fl.strategies.hetlora import HetLoRA
+from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.fl.strategies.ifca import IFCA
 from edgelam.fl.strategies.rescluster import ResourceClusters
 
@@ -27,6 +28,7 @@ STRATEGIES: dict[str, Any] = {
     "rescluster": ResourceClusters,
     "fedasync": FedAsync,
     "fedbuff": FedBuff,
+    "hierfavg": HierFAVG,
     "hetlora": HetLoRA,
     "flora": FLoRA,
     "flexlora": FlexLoRA,
@@ -42,6 +44,7 @@ DESCRIPTIONS: dict[str, str] = {
     "rescluster": "clustered: k-means on device speed and round latency (fl.cluster.num_clusters)",
     "fedasync": "asynchronous: mix each arriving update, alpha * s(staleness) (fl.asynchronous.*)",
     "fedbuff": "asynchronous: buffer K staleness-weighted deltas, then step (fl.asynchronous.buffer_size)",
+    "hierfavg": "hierarchical: edge aggregation every kappa1 local steps, cloud every kappa2 edge rounds (fl.hier.*)",
     "hetlora": "heterogeneous ranks (fl.rank.ranks, rule), zero-padding aggregation",
     "flora": "heterogeneous ranks, stacking: exact sum of B_k A_k merged into the base each round",
     "flexlora": "heterogeneous ranks, SVD of the aggregated update redistributed at each client's rank",

@@ -1,0 +1,78 @@
+"""A hierarchical round on the clock: edge servers run kappa2 edge rounds in parallel, then the cloud.
+
+Per edge: the cloud model comes down the backhaul (latency + bytes / rate); kappa2 times, its
+selected devices train kappa1 local steps in parallel over their wireless links to the edge, and
+the edge averages; the edge model goes up the backhaul. The round ends when the last edge's model
+reaches the cloud, which averages the edge models weighted by their samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import simpy
+
+from edgelam.fl.aggregate import weighted_average
+from edgelam.fl.context import Context, RunState
+from edgelam.fl.rounds import Job, start_job
+from edgelam.fl.strategies.base import GLOBAL, State, get_prefixed, put_prefixed
+from edgelam.fl.strategies.hierfavg import HierFAVG
+from edgelam.models.lora import serialize
+from edgelam.net import channel
+from edgelam.net.topology import draw_links
+from edgelam.store import rng_for, torch_seed_for
+
+
+@dataclass(frozen=True)
+class EdgeUpdate:
+    """An edge model as the cloud sees it (a weighted-average input)."""
+
+    client: int  # the edge server's index
+    state: State
+    num_samples: int
+    adapter: str = GLOBAL
+
+
+@dataclass(frozen=True)
+class HierResult:
+    jobs: list[Job]  # every device trip of every edge round
+    edge_updates: list[EdgeUpdate]
+    backhaul: tuple[int, int]  # bytes edge -> cloud, cloud -> edge
+    end_time_s: float
+
+
+def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> HierResult:
+    strategy = ctx.strategy
+    assert isinstance(strategy, HierFAVG), "hierarchical rounds need the hierfavg strategy"
+    cfg = ctx.cfg
+    train = dataclasses.replace(cfg.train, local_steps=strategy.kappa1, local_epochs=None)
+    device_net = dataclasses.replace(cfg.net, server_tier="edge")  # device legs end at the edge server
+    members: dict[int, list[int]] = {}
+    for k in selected:
+        members.setdefault(ctx.topology.devices[k].edge, []).append(k)
+    jobs: list[Job] = []
+    edge_updates: dict[int, EdgeUpdate] = {}
+    backhaul = [0, 0]
+
+    def backhaul_s(n_bytes: int) -> float:
+        return cfg.net.backhaul_latency_s + channel.transfer_time_s(n_bytes, cfg.net.backhaul_bps)
+
+    def edge(e: int, devices: list[int]):  # type: ignore[no-untyped-def]
+        model = get_prefixed(st.state, GLOBAL)
+        size = len(serialize(model))
+        backhaul[1] += size
+        yield env.timeout(backhaul_s(size))
+        for t in range(strategy.kappa2):
+            links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, 7, round_idx, e, t))
+            trips = [start_job(ctx, put_prefixed(GLOBAL, model), round_idx, k, links[k],
+                               torch_seed_for(cfg.seed, 3, round_idx, k, t), env.now, train, device_net) for k in devices]
+            jobs.extend(trips)
+            yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
+            model = weighted_average([j.update.state for j in trips], [j.update.num_samples for j in trips])
+        backhaul[0] += size
+        yield env.timeout(backhaul_s(size))
+        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices))
+
+    env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))
+    return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now))
