@@ -68,8 +68,8 @@ def test_every_global_strategy_aggregates_towards_clients(name):
     assert set(strat.adapters(state)) == {"global"}
     new = strat.aggregate(state, [_U(1.0, 1), _U(3.0, 1, client=1)], 1)
     assert float(strat.adapters(new)["global"]["w"]) > 0  # moves from 0 towards the clients' mean 2
-    name_, start = strat.dispatch(0, new, 2, probe=lambda a: 0.0)
-    assert name_ == "global" and torch.equal(start["w"], strat.adapters(new)["global"]["w"])
+    name_, start, payload = strat.dispatch(0, new, 2, probe=lambda a: 0.0)
+    assert name_ == "global" and torch.equal(start["w"], strat.adapters(new)["global"]["w"]) and payload is start
 
 
 def test_fedprox_needs_mu():

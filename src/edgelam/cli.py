@@ -57,9 +57,28 @@ def _progress() -> Progress:
     )
 
 
+def run_with_progress(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
+    """One run with the per-round progress bar."""
+    from edgelam.fl.orchestrator import run
+
+    console.print(f"model: {cfg.model.name}, strategy: {cfg.fl.strategy}, {cfg.data.num_clients} clients, "
+                  f"{cfg.fl.rounds} rounds -> {out_dir}")
+    with _progress() as bar:
+        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 B", down="0 B")
+
+        def on_start(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        def on_round(row: dict[str, Any]) -> None:
+            loss = row["eval_loss"] if row["eval_loss"] is not None else row["train_loss"]
+            bar.update(task, advance=1, loss=f"{loss:.3f}" if loss is not None else "-", sim=f"{row['sim_time_s']:.1f}s",
+                       up=human_bytes(row["bytes_up_total"]), down=human_bytes(row["bytes_down_total"]))
+
+        return run(cfg, out_dir, resume=resume, on_round=on_round, on_start=on_start)
+
+
 def run_experiment(config: Path | None, overrides: list[str], out: Path | None = None, resume: Path | None = None) -> dict[str, Any]:
     """Run a config (or resume a run folder) with a progress bar; print the summary table."""
-    from edgelam.fl.orchestrator import run
     from edgelam.report import summary_table
 
     if resume is not None:
@@ -77,20 +96,7 @@ def run_experiment(config: Path | None, overrides: list[str], out: Path | None =
         if (out_dir / "metrics.jsonl").exists():
             raise ConfigError(f"--out {out_dir} already holds a run; resume it with `edgelam run --resume {out_dir}` "
                               f"or choose another folder")
-    console.print(f"model: {cfg.model.name}, strategy: {cfg.fl.strategy}, {cfg.data.num_clients} clients, "
-                  f"{cfg.fl.rounds} rounds -> {out_dir}")
-    with _progress() as bar:
-        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 B", down="0 B")
-
-        def on_start(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        def on_round(row: dict[str, Any]) -> None:
-            loss = row["eval_loss"] if row["eval_loss"] is not None else row["train_loss"]
-            bar.update(task, advance=1, loss=f"{loss:.3f}", sim=f"{row['sim_time_s']:.1f}s",
-                       up=human_bytes(row["bytes_up_total"]), down=human_bytes(row["bytes_down_total"]))
-
-        summary = run(cfg, out_dir, resume=resume is not None, on_round=on_round, on_start=on_start)
+    summary = run_with_progress(cfg, out_dir, resume is not None)
     console.print(summary_table(summary))
     console.print(f"run folder: {out_dir}\nadapter (PEFT format): {summary['adapter']}\nplots: {summary['plot']}")
     return summary
@@ -105,6 +111,23 @@ def run_cmd(
     """Run an experiment from a YAML config: `edgelam run configs/tiny.yaml fl.rounds=5 --out runs/x`."""
     config, overrides = _split_args(args or [])
     _guard(lambda: run_experiment(config, overrides, out, resume))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    sweep_file: Path = typer.Argument(..., help="experiment YAML: base config, variants, target"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the variants' runs, results.md and curves.png"),
+) -> None:
+    """Run an experiment's variants side by side (resumable) and write results.md and curves.png."""
+    from edgelam.sweep import load_sweep, run_sweep
+
+    def go() -> None:
+        sweep = load_sweep(sweep_file)
+        target = out or Path("runs") / "sweeps" / sweep.name
+        console.print(f"sweep '{sweep.name}': {len(sweep.variants)} variants -> {target}")
+        console.print(f"wrote {run_sweep(sweep_file, target, lambda cfg, d, resume: run_with_progress(_resolve(cfg), d, resume))}")
+
+    _guard(go)
 
 
 @app.command("ls")
