@@ -7,12 +7,12 @@ from typing import Any
 from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
 from edgelam.fl.strategies.fedasync import FedAsync
-from edgelam.fl.strategies.fedbuff import FedBuff
 from edgelam.fl.strategies.fedavg import FedAvg
 from edgelam.fl.strategies.fedavgm import FedAvgM
+from edgelam.fl.strategies.fedbuff import FedBuff
+from edgelam.fl.strategies.fedprox import FedProx
 from edgelam.fl.strategies.flexlora import FlexLoRA
 from edgelam.fl.strategies.flora import FLoRA
-from edgelam.fl.strategies.fedprox import FedProx
 from edgelam.fl.strategies.hetlora import HetLoRA
 from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.fl.strategies.ifca import IFCA

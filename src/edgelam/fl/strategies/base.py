@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor
 
+from edgelam.fl.aggregate import weighted_average
+
 State = dict[str, Tensor]
 Probe = Callable[[State], float]  # the client's loss on its own data under an adapter (charged to it)
 GLOBAL = "global"
@@ -109,6 +111,42 @@ def replace_prefixed(state: State, prefix: str, adapter: State) -> State:
     return {**{k: v for k, v in state.items() if not k.startswith(p)}, **put_prefixed(prefix, adapter)}
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """Defaults every strategy shares, each overridable: one global adapter, uniform client
+    sampling, plain transfers, a sample-weighted average. Strategies inherit this one level."""
+
+    fraction: float = 1.0
+    name: str = "scheme"
+    prox_mu: float = 0.0
+
+    def init_state(self, adapter: State, pop: Population) -> State:
+        return put_prefixed(GLOBAL, adapter)
+
+    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
+        return sample_clients(num_clients, self.fraction, rng)
+
+    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+        g = get_prefixed(state, GLOBAL)
+        return GLOBAL, g, g
+
+    def upload(self, client: int, state: State, adapter: State) -> State:
+        return adapter
+
+    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
+        avg = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+        return replace_prefixed(state, GLOBAL, avg)
+
+    def base_delta(self, state: State) -> State:
+        return {}
+
+    def adapters(self, state: State) -> dict[str, State]:
+        return {GLOBAL: get_prefixed(state, GLOBAL)}
+
+    def assignment(self, state: State, num_clients: int) -> list[str]:
+        return [GLOBAL] * num_clients
+
+
 def cluster_name(j: int) -> str:
     return f"c{j}"
 
@@ -129,8 +167,6 @@ def with_assignment(state: State, updates: Sequence[Update]) -> State:
 
 def average_per_adapter(state: State, updates: Sequence[Update]) -> State:
     """FedAvg inside each adapter (cluster): the updates that started from it, weighted by samples."""
-    from edgelam.fl.aggregate import weighted_average
-
     groups: dict[str, list[Update]] = {}
     for u in updates:
         groups.setdefault(u.adapter, []).append(u)
@@ -142,3 +178,10 @@ def average_per_adapter(state: State, updates: Sequence[Update]) -> State:
 def cluster_adapters(state: State) -> dict[str, State]:
     names = sorted({k.split(".", 1)[0] for k in state if k.startswith("c") and k[1:2].isdigit()}, key=lambda n: int(n[1:]))
     return {n: get_prefixed(state, n) for n in names}
+
+
+def dispatch_assigned(state: State, client: int) -> tuple[str, State, State]:
+    """The adapter of the cluster the client is assigned to."""
+    name = cluster_name(int(state["assign"][client]))
+    adapter = get_prefixed(state, name)
+    return name, adapter, adapter

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from edgelam.config import FLConfig, TrainConfig
@@ -20,15 +19,16 @@ from edgelam.fl.clustering import bipartition, cosine_matrix, delta, flatten
 from edgelam.fl.strategies.base import (
     Population,
     Probe,
+    Scheme,
     State,
     Update,
     assigned,
     cluster_adapters,
     cluster_name,
+    dispatch_assigned,
     get_prefixed,
     put_prefixed,
     replace_prefixed,
-    sample_clients,
 )
 
 
@@ -41,14 +41,12 @@ def split_criterion(deltas: Sequence[torch.Tensor], weights: Sequence[float], ep
 
 
 @dataclass(frozen=True)
-class CFL:
-    fraction: float
-    warmup_rounds: int
-    eps1: float
-    eps2: float
-    max_clusters: int
+class CFL(Scheme):
+    warmup_rounds: int = 1
+    eps1: float = 0.4
+    eps2: float = 1.6
+    max_clusters: int = 8
     name: str = "cfl"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "CFL":
@@ -58,13 +56,8 @@ class CFL:
     def init_state(self, adapter: State, pop: Population) -> State:
         return {"assign": torch.zeros(pop.num_clients, dtype=torch.long)} | put_prefixed(cluster_name(0), adapter)
 
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
-
     def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
-        name = cluster_name(int(state["assign"][client]))
-        adapter = get_prefixed(state, name)
-        return name, adapter, adapter
+        return dispatch_assigned(state, client)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         groups: dict[str, list[Update]] = {}
@@ -90,12 +83,6 @@ class CFL:
                 assign[[u.client for u in newcomers]] = n_clusters
                 state = {**state, "assign": assign}
         return state
-
-    def upload(self, client: int, state: State, adapter: State) -> State:
-        return adapter
-
-    def base_delta(self, state: State) -> State:
-        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)

@@ -12,12 +12,18 @@ from dataclasses import dataclass
 
 from edgelam.config import AsyncConfig, FLConfig, TrainConfig
 from edgelam.fl.aggregate import mix, staleness_weight
-from edgelam.fl.strategies.base import GLOBAL, State, Update, get_prefixed, replace_prefixed
-from edgelam.fl.strategies.fedavg import FedAvg
+from edgelam.fl.strategies.base import (
+    GLOBAL,
+    Scheme,
+    State,
+    Update,
+    get_prefixed,
+    replace_prefixed,
+)
 
 
 @dataclass(frozen=True)
-class FedAsync(FedAvg):
+class FedAsync(Scheme):
     """FedAvg's selection (the active devices) and dispatch; aggregation on each arrival."""
 
     settings: AsyncConfig = AsyncConfig()

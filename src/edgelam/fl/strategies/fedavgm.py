@@ -6,13 +6,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgelam.config import FLConfig, TrainConfig
-from edgelam.fl.aggregate import momentum_step, pseudo_gradient, weighted_average, zeros_like
-from edgelam.fl.strategies.base import GLOBAL, Population, State, Update, get_prefixed, put_prefixed
-from edgelam.fl.strategies.fedavg import FedAvg
+from edgelam.fl.aggregate import (
+    momentum_step,
+    pseudo_gradient,
+    weighted_average,
+    zeros_like,
+)
+from edgelam.fl.strategies.base import (
+    GLOBAL,
+    Population,
+    Scheme,
+    State,
+    Update,
+    get_prefixed,
+    put_prefixed,
+)
 
 
 @dataclass(frozen=True)
-class FedAvgM(FedAvg):
+class FedAvgM(Scheme):
     """FedAvg's selection and dispatch; the server steps with momentum instead of taking the average."""
 
     server_lr: float = 1.0

@@ -13,12 +13,20 @@ import torch
 
 from edgelam.config import AsyncConfig, FLConfig, TrainConfig
 from edgelam.fl.aggregate import buffered_step, staleness_weight, zeros_like
-from edgelam.fl.strategies.base import GLOBAL, Population, State, Update, get_prefixed, put_prefixed, replace_prefixed
-from edgelam.fl.strategies.fedavg import FedAvg
+from edgelam.fl.strategies.base import (
+    GLOBAL,
+    Population,
+    Scheme,
+    State,
+    Update,
+    get_prefixed,
+    put_prefixed,
+    replace_prefixed,
+)
 
 
 @dataclass(frozen=True)
-class FedBuff(FedAvg):
+class FedBuff(Scheme):
     settings: AsyncConfig = AsyncConfig()
     name: str = "fedbuff"
 

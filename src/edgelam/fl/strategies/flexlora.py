@@ -11,20 +11,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgelam.config import FLConfig, RankConfig, TrainConfig
-from edgelam.fl.hetero import fill_dead_components, mask_rank, product_sum, rank_of, svd_factors, truncate
-from edgelam.fl.strategies.base import GLOBAL, Population, Probe, State, Update, get_prefixed, put_prefixed, sample_clients
+from edgelam.fl.hetero import (
+    fill_dead_components,
+    mask_rank,
+    product_sum,
+    rank_of,
+    svd_factors,
+    truncate,
+)
+from edgelam.fl.strategies.base import (
+    GLOBAL,
+    Population,
+    Probe,
+    Scheme,
+    State,
+    Update,
+    get_prefixed,
+    put_prefixed,
+)
 from edgelam.fl.strategies.rankbase import client_rank, init_ranks, upload_truncated
 
 
 @dataclass(frozen=True)
-class FlexLoRA:
-    fraction: float
-    ranks: RankConfig
+class FlexLoRA(Scheme):
+    ranks: RankConfig = RankConfig()
     name: str = "flexlora"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FlexLoRA":
@@ -34,9 +46,6 @@ class FlexLoRA:
         scale = {"scaling": adapter[next(iter(adapter))].new_tensor(pop.lora_scaling)}
         # "global" holds the rank-r_max SVD factors of the last aggregate (at first: the init)
         return init_ranks(adapter, pop, self.ranks) | put_prefixed("init", adapter) | put_prefixed(GLOBAL, adapter) | scale
-
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
 
     def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
         g, r = get_prefixed(state, GLOBAL), client_rank(state, client)
@@ -51,12 +60,3 @@ class FlexLoRA:
         delta = product_sum([u.state for u in updates], [u.num_samples for u in updates], scaling)
         factors = svd_factors(delta, rank_of(get_prefixed(state, GLOBAL)), scaling)
         return {k: v for k, v in state.items() if not k.startswith(GLOBAL + ".")} | put_prefixed(GLOBAL, factors)
-
-    def base_delta(self, state: State) -> State:
-        return {}
-
-    def adapters(self, state: State) -> dict[str, State]:
-        return {GLOBAL: get_prefixed(state, GLOBAL)}
-
-    def assignment(self, state: State, num_clients: int) -> list[str]:
-        return [GLOBAL] * num_clients

@@ -12,20 +12,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgelam.config import FLConfig, RankConfig, TrainConfig
-from edgelam.fl.hetero import A_SUFFIX, B_SUFFIX, mask_rank, modules, product_sum, stack, truncate
-from edgelam.fl.strategies.base import GLOBAL, Population, Probe, State, Update, get_prefixed, put_prefixed, sample_clients
+from edgelam.fl.hetero import (
+    A_SUFFIX,
+    B_SUFFIX,
+    mask_rank,
+    modules,
+    product_sum,
+    stack,
+    truncate,
+)
+from edgelam.fl.strategies.base import (
+    GLOBAL,
+    Population,
+    Probe,
+    Scheme,
+    State,
+    Update,
+    get_prefixed,
+    put_prefixed,
+)
 from edgelam.fl.strategies.rankbase import client_rank, init_ranks, upload_truncated
 
 
 @dataclass(frozen=True)
-class FLoRA:
-    fraction: float
-    ranks: RankConfig
+class FLoRA(Scheme):
+    ranks: RankConfig = RankConfig()
     name: str = "flora"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FLoRA":
@@ -36,9 +49,6 @@ class FLoRA:
                  for m in modules(adapter)}
         scale = {"scaling": adapter[next(iter(adapter))].new_tensor(pop.lora_scaling)}
         return init_ranks(adapter, pop, self.ranks) | put_prefixed("init", adapter) | put_prefixed("delta", zeros) | scale
-
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
 
     def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
         init, r = get_prefixed(state, "init"), client_rank(state, client)
@@ -64,6 +74,3 @@ class FLoRA:
     def adapters(self, state: State) -> dict[str, State]:
         # the learned update lives in the merged base (base_delta); the adapter itself is the fresh init (B = 0)
         return {GLOBAL: get_prefixed(state, "init")}
-
-    def assignment(self, state: State, num_clients: int) -> list[str]:
-        return [GLOBAL] * num_clients

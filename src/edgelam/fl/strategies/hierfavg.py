@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgelam.config import FLConfig, TrainConfig
-from edgelam.fl.strategies.fedavg import FedAvg
+from edgelam.fl.strategies.base import Scheme
 
 
 @dataclass(frozen=True)
-class HierFAVG(FedAvg):
+class HierFAVG(Scheme):
     """FedAvg's selection, dispatch and (cloud) weighted average, with the two tier periods."""
 
     kappa1: int = 2

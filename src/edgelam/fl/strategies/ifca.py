@@ -21,6 +21,7 @@ from edgelam.fl.clustering import delta, flatten, kmeans
 from edgelam.fl.strategies.base import (
     Population,
     Probe,
+    Scheme,
     State,
     Update,
     assigned,
@@ -30,19 +31,16 @@ from edgelam.fl.strategies.base import (
     get_prefixed,
     put_prefixed,
     replace_prefixed,
-    sample_clients,
     with_assignment,
 )
 
 
 @dataclass(frozen=True)
-class IFCA:
-    fraction: float
-    num_clusters: int
-    warmup_rounds: int
+class IFCA(Scheme):
+    num_clusters: int = 2
+    warmup_rounds: int = 1
     seed: int = 0
     name: str = "ifca"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "IFCA":
@@ -53,9 +51,6 @@ class IFCA:
         for j in range(self.num_clusters):
             state |= put_prefixed(cluster_name(j), adapter)
         return state
-
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
 
     def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
         clusters = cluster_adapters(state)
@@ -86,12 +81,6 @@ class IFCA:
             for u in members:
                 assign[u.client] = j
         return {**state, "assign": assign}
-
-    def upload(self, client: int, state: State, adapter: State) -> State:
-        return adapter
-
-    def base_delta(self, state: State) -> State:
-        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)

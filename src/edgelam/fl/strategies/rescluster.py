@@ -18,25 +18,23 @@ from edgelam.fl.clustering import kmeans
 from edgelam.fl.strategies.base import (
     Population,
     Probe,
+    Scheme,
     State,
     Update,
     assigned,
     average_per_adapter,
     cluster_adapters,
     cluster_name,
-    get_prefixed,
+    dispatch_assigned,
     put_prefixed,
-    sample_clients,
 )
 
 
 @dataclass(frozen=True)
-class ResourceClusters:
-    fraction: float
-    num_clusters: int
+class ResourceClusters(Scheme):
+    num_clusters: int = 2
     seed: int = 0
     name: str = "rescluster"
-    prox_mu: float = 0.0
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "ResourceClusters":
@@ -50,22 +48,11 @@ class ResourceClusters:
             state |= put_prefixed(cluster_name(j), adapter)
         return state
 
-    def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        return sample_clients(num_clients, self.fraction, rng)
-
     def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
-        name = cluster_name(int(state["assign"][client]))
-        adapter = get_prefixed(state, name)
-        return name, adapter, adapter
+        return dispatch_assigned(state, client)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         return average_per_adapter(state, updates)
-
-    def upload(self, client: int, state: State, adapter: State) -> State:
-        return adapter
-
-    def base_delta(self, state: State) -> State:
-        return {}
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)
