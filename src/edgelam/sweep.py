@@ -9,6 +9,7 @@ variant runs into ``OUT/<variant>`` (a finished one is kept, an interrupted one 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -105,10 +106,13 @@ def run_sweep(path: Path, out: Path, run_one: Callable[[Any, Path, bool], dict[s
         cfg = load_config(run_dir / "config.yaml") if resume else load_config(sweep.base, overrides)
         run_one(cfg, run_dir, resume)
     plot_runs([out / v for v in sweep.variants], out / "curves.png")
+    wall_s = sum(json.loads((out / v / "summary.json").read_text())["wall_s"] for v in sweep.variants)
     text = [f"# {sweep.name}", "", sweep.description.strip(), "",
             f"- command: `edgelam sweep {path} --out {out}`",
-            f"- base config: `{sweep.base}`; variants (overrides): " + "; ".join(f"`{k}`: {' '.join(v) or '(none)'}" for k, v in sweep.variants.items()),
-            f"- machine: {_cpu()}; date {time.strftime('%Y-%m-%d')}; this invocation's wall time {time.perf_counter() - t0:.0f} s",
+            f"- base config: `{sweep.base}` (seed {load_config(sweep.base).seed}); variants (overrides): "
+            + "; ".join(f"`{k}`: {' '.join(v) or '(none)'}" for k, v in sweep.variants.items()),
+            f"- machine: {_cpu()}, {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}; "
+            f"wall time {wall_s:.0f} s for all variants (this invocation: {time.perf_counter() - t0:.0f} s)",
             "", results_table(sweep, out), "", "![curves](curves.png)", ""]
     atomic_write_text(out / "results.md", "\n".join(text))
     return out / "results.md"
