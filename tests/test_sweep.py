@@ -25,7 +25,7 @@ def test_sweep_runs_variants_and_tabulates(repo, tmp_path):
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = (out / "results.md").read_text()
-    assert "| a | fedavg |" in text and "| b | fedadam |" in text and "time to" in text
+    assert "| a | fedavg |" in text and "| b | fedadam |" in text and "sim s to loss" in text
     assert (out / "curves.png").stat().st_size > 10_000
     # a second call keeps finished variants
     mtime = (out / "a" / "summary.json").stat().st_mtime

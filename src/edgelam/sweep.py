@@ -77,7 +77,7 @@ def results_table(sweep: Sweep, out: Path) -> str:
     target = summaries[sweep.target]["final_eval_loss"] if sweep.target else None
     tasks = sorted({t for s in summaries.values() for t in (s.get("final_eval_tasks") or {})})
     head = ["variant", "strategy", "eval loss (0 -> final)", "ppl", *[f"ppl {t}" for t in tasks], "sim time s"]
-    head += [f"time to {target:.4f} s" if target is not None else "", "MB up", "MB down", "MB backhaul", "energy J", "wall s"]
+    head += [f"sim s to loss <= {target:.4f}" if target is not None else "", "MB up", "MB down", "MB backhaul", "energy J", "wall s"]
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, s in summaries.items():
