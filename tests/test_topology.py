@@ -56,3 +56,19 @@ def test_client_round_cost_by_hand():
     cloud = client_round_cost(NetConfig(server_tier="cloud", backhaul_bps=8e6, backhaul_latency_s=0.5), dev, link,
                               2_000_000, 1_000_000, 0.0)
     assert cloud.t_up_s == pytest.approx(1.0 + 0.5 + 1.0)
+
+
+def test_devices_attach_by_config_or_distance():
+    cfg = NetConfig(num_edge_servers=3, attach=(2, 0, 1, 2))
+    topo = place_devices(cfg, 4, rng_for(0))
+    assert [d.edge for d in topo.devices] == [2, 0, 1, 2]
+    nearest = place_devices(NetConfig(num_edge_servers=3), 12, rng_for(0))
+    for d in nearest.devices:
+        dists = [math.hypot(d.x_m - x, d.y_m - y) for x, y in nearest.edges]
+        assert d.edge == dists.index(min(dists))
+    from edgelam.config import ConfigError
+
+    with pytest.raises(ConfigError, match="net.attach lists 4 edge servers for 5 devices"):
+        place_devices(cfg, 5, rng_for(0))
+    with pytest.raises(ConfigError, match=r"net.attach must list edge server indices in \[0, 3\)"):
+        NetConfig(num_edge_servers=3, attach=(3,))

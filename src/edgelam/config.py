@@ -127,6 +127,7 @@ class NetConfig:
     device_memory_gb: tuple[float, float] = (4.0, 8.0)
     kappa: float = 1e-28  # effective switched capacitance (J/cycle/Hz^2)
     num_edge_servers: int = 1
+    attach: tuple[int, ...] = ()  # edge server of each device (empty: the nearest one)
     server_tier: str = "edge"  # where the aggregator runs: edge | cloud
     backhaul_bps: float = 1e9
     backhaul_latency_s: float = 0.005
@@ -142,6 +143,8 @@ class NetConfig:
         _require(self.shadowing_db >= 0, "net.shadowing_db", "must be >= 0", self.shadowing_db)
         _require(self.backhaul_latency_s >= 0, "net.backhaul_latency_s", "must be >= 0", self.backhaul_latency_s)
         _require(self.num_edge_servers >= 1, "net.num_edge_servers", "must be >= 1", self.num_edge_servers)
+        _require(all(0 <= e < self.num_edge_servers for e in self.attach), "net.attach",
+                 f"must list edge server indices in [0, {self.num_edge_servers})", self.attach)
         for key in ("device_tx_power_dbm", "device_cpu_hz", "device_memory_gb"):
             lo, hi = getattr(self, key)
             _require(lo <= hi, f"net.{key}", "must be a [low, high] range with low <= high", [lo, hi])

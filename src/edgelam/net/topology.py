@@ -1,7 +1,7 @@
 """Devices in tiers (end, edge, cloud), their placement and per-round link states.
 
 End devices are dropped uniformly in a disc of radius ``cell_radius_m`` around an edge server
-(the base station) and attach to the nearest one. Large-scale gain (path loss, shadowing, LOS
+(the base station) and attach to the nearest one, or to the one ``net.attach`` names. Large-scale gain (path loss, shadowing, LOS
 state) is drawn once at placement; Rayleigh block fading |h|^2 ~ Exp(1) is redrawn every round.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelam.config import NetConfig
+from edgelam.config import ConfigError, NetConfig
 from edgelam.net import channel
 
 
@@ -74,15 +74,17 @@ def large_scale_gain(cfg: NetConfig, d2d_m: float, rng: np.random.Generator) -> 
 def place_devices(cfg: NetConfig, num_devices: int, rng: np.random.Generator) -> Topology:
     """Heterogeneous end devices: position, CPU clock, memory and power drawn from ``cfg``'s ranges."""
     edges = edge_positions(cfg.num_edge_servers, cfg.cell_radius_m)
+    if cfg.attach and len(cfg.attach) != num_devices:
+        raise ConfigError(f"net.attach lists {len(cfg.attach)} edge servers for {num_devices} devices; give one per device")
     devices = []
     for k in range(num_devices):
-        home = edges[int(rng.integers(len(edges)))]
+        home = edges[cfg.attach[k]] if cfg.attach else edges[int(rng.integers(len(edges)))]
         # uniform in the annulus [min_distance, radius]: r = sqrt(U(r0^2, R^2))
         r = math.sqrt(rng.uniform(cfg.min_distance_m**2, cfg.cell_radius_m**2))
         theta = rng.uniform(0, 2 * math.pi)
         x, y = home[0] + r * math.cos(theta), home[1] + r * math.sin(theta)
         dists = [math.hypot(x - ex, y - ey) for ex, ey in edges]
-        edge = int(np.argmin(dists))
+        edge = cfg.attach[k] if cfg.attach else int(np.argmin(dists))
         devices.append(Device(
             id=k, tier="end", x_m=x, y_m=y,
             cpu_hz=float(rng.uniform(*cfg.device_cpu_hz)),
