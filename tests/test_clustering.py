@@ -72,3 +72,13 @@ def test_clustering_recovers_the_task_families(repo, tmp_path, strategy):
     assert tasks["arithmetic"]["adapter"] == final[0] and tasks["reverse"]["adapter"] == final[2]
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(set(final))
     assert {c["adapter"] for c in rows[-1]["client_stats"]} == set(final)
+
+
+def test_resource_clusters_run_on_the_tiny_config(repo, tmp_path):
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "edgelam.cli", "run", "configs/tiny_clustered.yaml", "fl.strategy=rescluster",
+                           "net.device_cpu_hz=[0.2e9,2.0e9]", "--out", str(out)], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(set(rows[-1]["assignment"])) == 2 and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert rows[0]["assignment"] == rows[-1]["assignment"]  # fixed from the start: resources do not change
