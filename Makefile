@@ -22,6 +22,7 @@ demo: setup
 	@$(BIN)/edgelam run configs/demo.yaml
 
 test: setup
+	$(BIN)/python -m ruff check --select F src tests benchmarks
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 

@@ -8,11 +8,9 @@ the strategy aggregates; the run evaluates, appends a metrics line and checkpoin
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,9 @@ import yaml
 from safetensors.torch import save
 
 from edgelam.config import RunConfig, config_to_dict
-from edgelam.fl.client import ClientUpdate, local_train
 from edgelam.fl.context import (
     CHECKPOINT,
     Context,
-    Prober,
     RunState,
     baseline_row,
     evaluate,
@@ -41,9 +37,8 @@ from edgelam.fl.hierarchy import run_hier_round
 from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.fl.rounds import metrics_row, run_round
 from edgelam.fl.strategies.base import GLOBAL, AsyncStrategy, State
-from edgelam.models.lora import get_adapter_state, save_adapter, serialize, set_adapter_state
-from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
-from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, rng_for, to_json_line, torch_seed_for
+from edgelam.models.lora import get_adapter_state, save_adapter, set_adapter_state
+from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, rng_for, to_json_line
 
 
 def commit_round(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], row: dict[str, Any],
