@@ -72,6 +72,9 @@ def test_clustering_recovers_the_task_families(repo, tmp_path, strategy):
     assert tasks["arithmetic"]["adapter"] == final[0] and tasks["reverse"]["adapter"] == final[2]
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(set(final))
     assert {c["adapter"] for c in rows[-1]["client_stats"]} == set(final)
+    if strategy == "cfl":  # the split criterion's norms are logged; ||mean update|| <= max ||update||
+        diag = rows[1]["diagnostics"]
+        assert 0 < diag["c0.mean_norm"] <= diag["c0.max_norm"]
 
 
 def test_resource_clusters_run_on_the_tiny_config(repo, tmp_path):

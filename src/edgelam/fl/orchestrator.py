@@ -48,6 +48,9 @@ def commit_round(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any
     if st.round % ctx.cfg.eval.every == 0 or st.round == ctx.cfg.fl.rounds:
         ev = evaluate(ctx, st)
     row |= ev
+    diagnostics = ctx.strategy.diagnostics(st.state)
+    if diagnostics:
+        row["diagnostics"] = diagnostics
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(to_json_line(row) + "\n")
     save_checkpoint(out / CHECKPOINT, st)

@@ -79,6 +79,10 @@ class Strategy(Protocol):
         """The adapter name each client belongs to now."""
         ...
 
+    def diagnostics(self, state: State) -> dict[str, float]:
+        """Named scalars for the metrics line (empty for most schemes)."""
+        ...
+
 
 @runtime_checkable
 class AsyncStrategy(Protocol):
@@ -145,6 +149,10 @@ class Scheme:
 
     def assignment(self, state: State, num_clients: int) -> list[str]:
         return [GLOBAL] * num_clients
+
+    def diagnostics(self, state: State) -> dict[str, float]:
+        """Scalars a scheme records under ``diag.`` in its state (e.g. CFL's split norms)."""
+        return {k[len("diag."):]: float(v) for k, v in state.items() if k.startswith("diag.")}
 
 
 def cluster_name(j: int) -> str:

@@ -63,16 +63,19 @@ class CFL(Scheme):
         groups: dict[str, list[Update]] = {}
         for u in updates:
             groups.setdefault(u.adapter, []).append(u)
+        state = {k: v for k, v in state.items() if not k.startswith("diag.")}
         for name, us in sorted(groups.items()):
             start = get_prefixed(state, name)
             new = weighted_average([u.state for u in us], [u.num_samples for u in us])
             state = replace_prefixed(state, name, new)
-            n_clusters = len(cluster_adapters(state))
-            if round_idx <= self.warmup_rounds or len(us) < 2 or n_clusters >= self.max_clusters:
+            if len(us) < 2:
                 continue
             deltas = [flatten(delta(u.state, start)) for u in us]
-            split, _, _ = split_criterion(deltas, [u.num_samples for u in us], self.eps1, self.eps2)
-            if split:
+            split, mean_norm, max_norm = split_criterion(deltas, [u.num_samples for u in us], self.eps1, self.eps2)
+            # the criterion's norms go to metrics.jsonl ("diagnostics"), to calibrate eps1 and eps2
+            state |= {f"diag.{name}.mean_norm": torch.tensor(mean_norm), f"diag.{name}.max_norm": torch.tensor(max_norm)}
+            n_clusters = len(cluster_adapters(state))
+            if split and round_idx > self.warmup_rounds and n_clusters < self.max_clusters:
                 _, second = bipartition(cosine_matrix(deltas))
                 newcomers = [us[i] for i in second]
                 fresh = cluster_name(n_clusters)
