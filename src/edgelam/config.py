@@ -62,7 +62,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # auto (dolly if found, else synthetic) | synthetic | dolly | files | hf
+    # auto (dolly if found, else synthetic) | synthetic | dolly | files | hf; classification (split
+    # learning with an encoder): sst2 | agnews
     source: str = "synthetic"
     # dolly: folder or file (relative paths resolve against $EDGELAM_DATA); files: list of paths
     path: str | None = None
@@ -83,7 +84,7 @@ class DataConfig:
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf"])
+        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", "sst2", "agnews"])
         _one_of(self.partition, "data.partition", ["iid", "dirichlet", "by_task", "presplit"])
         _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt"])
         _require(self.num_clients >= 1, "data.num_clients", "must be >= 1", self.num_clients)
@@ -259,7 +260,7 @@ class FLConfig:
     def __post_init__(self) -> None:
         from edgelam.fl.strategies import STRATEGIES
 
-        _one_of(self.strategy, "fl.strategy", sorted(STRATEGIES))
+        _one_of(self.strategy, "fl.strategy", sorted(STRATEGIES) + list(SPLIT_STRATEGIES))
         _require(self.rounds >= 1, "fl.rounds", "must be >= 1", self.rounds)
         _require(0 < self.fraction <= 1, "fl.fraction", "must be in (0, 1]", self.fraction)
         _require(self.server_lr > 0, "fl.server_lr", "must be > 0", self.server_lr)
@@ -268,6 +269,53 @@ class FLConfig:
         _require(self.tau > 0, "fl.tau", "must be > 0", self.tau)
         if self.deadline_s is not None:
             _require(self.deadline_s > 0, "fl.deadline_s", "must be > 0 or null", self.deadline_s)
+
+
+SPLIT_STRATEGIES = ("sfl_v1", "sfl_v2")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Device scheduling and bandwidth allocation for split federated LoRA (split.schedule)."""
+
+    policy: str = "lyapunov"  # lyapunov | all | random | greedy
+    num_devices: int = 4  # random | greedy: devices per round
+    v: float = 10.0  # lyapunov trade-off V: larger favours more devices, smaller the budget
+    t_max_s: float = 60.0  # per-round latency limit of a scheduled device (lyapunov)
+    budget: str = "energy"  # the long-term budget: energy (J) | latency (s), per device per round
+    budget_per_round: float = 2.0  # the time-averaged budget of every device
+    budget_per_device: tuple[float, ...] = ()  # or one per device
+    omega: str = "constant"  # weight omega_t of round t in the objective: constant (1) | linear (t / rounds)
+
+    def __post_init__(self) -> None:
+        _one_of(self.policy, "split.schedule.policy", ["lyapunov", "all", "random", "greedy"])
+        _require(self.num_devices >= 1, "split.schedule.num_devices", "must be >= 1", self.num_devices)
+        _require(self.v >= 0, "split.schedule.v", "must be >= 0", self.v)
+        _require(self.t_max_s > 0, "split.schedule.t_max_s", "must be > 0", self.t_max_s)
+        _one_of(self.budget, "split.schedule.budget", ["energy", "latency"])
+        _require(self.budget_per_round > 0, "split.schedule.budget_per_round", "must be > 0", self.budget_per_round)
+        _require(all(b > 0 for b in self.budget_per_device), "split.schedule.budget_per_device", "must be > 0",
+                 self.budget_per_device)
+        _one_of(self.omega, "split.schedule.omega", ["constant", "linear"])
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Split federated LoRA (fl.strategy sfl_v1 | sfl_v2): where the model is cut and what crosses the air."""
+
+    cut: tuple[int, int] | None = None  # the server runs blocks [a, b); null = all blocks; [0, 0] = none (no split)
+    embedding_lora: bool = False  # LoRA on the device's embedding module too
+    act_codec: str = "float32"  # activations up and features down: float32 | float16 | int8
+    grad_codec: str = "float32"  # gradients both ways
+    server_flops_per_s: float = 5e13  # the edge server's effective training throughput
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.act_codec, "split.act_codec", ["float32", "float16", "int8"])
+        _one_of(self.grad_codec, "split.grad_codec", ["float32", "float16", "int8"])
+        _require(self.server_flops_per_s > 0, "split.server_flops_per_s", "must be > 0", self.server_flops_per_s)
+        if self.cut is not None:
+            _require(0 <= self.cut[0] <= self.cut[1], "split.cut", "must be [a, b] with 0 <= a <= b", list(self.cut))
 
 
 @dataclass(frozen=True)
@@ -299,8 +347,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
+        split = self.fl.strategy in SPLIT_STRATEGIES
+        if self.data.source in ("sst2", "agnews"):
+            _require(split, "fl.strategy", f"must be one of {list(SPLIT_STRATEGIES)} for classification data "
+                     f"({self.data.source}); the split driver trains an encoder with a classifier", self.fl.strategy)
+        if split:
+            _require(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for split learning", self.train.grad_accum)
+            n = len(self.split.schedule.budget_per_device)
+            _require(n in (0, self.data.num_clients), "split.schedule.budget_per_device",
+                     f"must list one budget per device ({self.data.num_clients}) or none", n)
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
         if self.threads is not None:
             _require(self.threads >= 1, "threads", "must be >= 1 or null", self.threads)

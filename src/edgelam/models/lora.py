@@ -19,11 +19,12 @@ from edgelam.config import LoraConfig as LoraSettings
 AdapterState = dict[str, Tensor]
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` with a LoRA adapter; the initial A matrices depend only on ``seed``."""
+def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0, task_type: str | None = "CAUSAL_LM") -> PeftModel:
+    """Wrap ``model`` with a LoRA adapter; the initial A matrices depend only on ``seed``.
+    ``task_type`` None wraps a bare backbone (an encoder for split learning)."""
     cfg = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+        target_modules=list(settings.target_modules), task_type=task_type,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -48,4 +48,6 @@ DESCRIPTIONS: dict[str, str] = {
     "hetlora": "heterogeneous ranks (fl.rank.ranks, rule), zero-padding aggregation",
     "flora": "heterogeneous ranks, stacking: exact sum of B_k A_k merged into the base each round",
     "flexlora": "heterogeneous ranks, SVD of the aggregated update redistributed at each client's rank",
+    "sfl_v1": "split federated LoRA: one server-side copy per device, averaged each round (split.*, split.schedule.*)",
+    "sfl_v2": "split federated LoRA: one shared server-side adapter updated in turn (split.*, split.schedule.*)",
 }

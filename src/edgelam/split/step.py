@@ -1,0 +1,151 @@
+"""One split-learning step, for real and as a plan of what it will cost.
+
+The exchange of one mini-batch (SplitFed; Thapa et al. 2022, and arXiv 2407.02924's system):
+
+  device  front forward (embeddings, first blocks)       -> activations up (+ padding mask)
+  server  middle forward (the heavy blocks, LoRA)        -> features down
+  device  back forward + backward (task module, labels)  -> feature gradients up
+  server  middle backward                                -> activation gradients down (only when
+  device  front backward                                    the front has trainable tensors)
+
+``step`` does it with autograd cut at each link (the receiver gets a detached, codec-decoded copy,
+exactly what would arrive), so with float32 links the gradients equal the unsplit model's.
+``plan`` lists the same exchange as phases (compute FLOPs, bytes up, bytes down) from the batch's
+shape alone, so the scheduler knows a round's cost before it runs; ``step`` checks the bytes agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from edgelam.models.flops import backward_flops, forward_flops, lora_train_flops
+from edgelam.models.split import Params, SplitModel, call
+from edgelam.split.wire import encode, mask_bytes, wire_bytes
+
+# phase kinds: device compute (FLOPs), server compute (FLOPs), uplink bytes, downlink bytes
+DEV, SRV, UP, DOWN = "dev", "srv", "up", "down"
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str
+    amount: float  # FLOPs or bytes
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    phases: tuple[Phase, ...]
+
+    def total(self, kind: str) -> float:
+        return sum(p.amount for p in self.phases if p.kind == kind)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    bytes: dict[str, int] = field(default_factory=dict)  # act_up, mask_up, feat_down, grad_up, grad_down
+    correct: int = 0  # classification: right answers in the batch
+
+
+def front_trainable(sm: SplitModel) -> bool:
+    return bool(sm.trainable("front"))
+
+
+def plan(sm: SplitModel, batch: dict[str, Tensor], act_codec: str, grad_codec: str) -> StepPlan:
+    """The phases of one step on ``batch``: what each side computes and what crosses each link."""
+    b, t = batch["input_ids"].shape
+    n = b * t
+    fm_front, fm_mid, fm_back = sm.flops("front"), sm.flops("middle"), sm.flops("back")
+    if sm.cut[0] == sm.cut[1]:  # nothing on the server: plain on-device LoRA training
+        total = lora_train_flops(fm_front, n, t) + lora_train_flops(fm_back, n, t)
+        return StepPlan((Phase(DEV, total),))
+    act = wire_bytes((b, t, sm.hidden), act_codec)
+    grad = wire_bytes((b, t, sm.hidden), grad_codec)
+    trainable_front = front_trainable(sm)
+    phases = [
+        Phase(DEV, forward_flops(fm_front, n, t)),
+        Phase(UP, act + mask_bytes((b, t))),
+        Phase(SRV, forward_flops(fm_mid, n, t)),
+        Phase(DOWN, act),
+        Phase(DEV, lora_train_flops(fm_back, n, t)),
+        Phase(UP, grad),
+        Phase(SRV, backward_flops(fm_mid, n, t)),
+    ]
+    if trainable_front:
+        phases += [Phase(DOWN, grad), Phase(DEV, backward_flops(fm_front, n, t))]
+    return StepPlan(tuple(phases))
+
+
+def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[str, Tensor],
+         act_codec: str, grad_codec: str) -> StepResult:
+    """Forward and backward of one batch across the cut; gradients land in the given leaf tensors.
+
+    ``device`` maps "front" and "back" to that device's trainable tensors, ``server`` holds the
+    server copy's middle tensors (segment-relative names)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    res = StepResult(loss=0.0)
+    x = call(sm.front, device["front"], ids, mask)
+    if sm.cut[0] == sm.cut[1]:
+        loss, logits = call(sm.back, device["back"], x, mask, labels)
+        loss.backward()
+        return _finish(sm, res, loss, logits, labels)
+    up = encode(x, act_codec)  # activations up, with the padding mask
+    xs = up.decoded.requires_grad_(x.requires_grad)
+    res.bytes["act_up"], res.bytes["mask_up"] = up.nbytes, mask_bytes(tuple(mask.shape))
+    h = call(sm.middle, server, xs, mask)
+    down = encode(h, act_codec)  # features down
+    hd = down.decoded.requires_grad_(True)
+    res.bytes["feat_down"] = down.nbytes
+    loss, logits = call(sm.back, device["back"], hd, mask, labels)
+    loss.backward()
+    assert hd.grad is not None
+    g = encode(hd.grad, grad_codec)  # feature gradients up
+    res.bytes["grad_up"] = g.nbytes
+    h.backward(g.decoded)
+    if x.requires_grad:
+        assert xs.grad is not None
+        gx = encode(xs.grad, grad_codec)  # activation gradients down
+        res.bytes["grad_down"] = gx.nbytes
+        x.backward(gx.decoded)
+    return _finish(sm, res, loss, logits, labels)
+
+
+def _finish(sm: SplitModel, res: StepResult, loss: Tensor, logits: Tensor, labels: Tensor) -> StepResult:
+    res.loss = float(loss.detach())
+    if not sm.decoder:
+        res.correct = int((logits.detach().argmax(-1) == labels).sum())
+    return res
+
+
+def leaves(state: Params, prefix: str) -> Params:
+    """Fresh leaf tensors (requires_grad) for the names of ``state`` under ``prefix.``."""
+    return {k[len(prefix) + 1:]: v.detach().clone().requires_grad_(True) for k, v in state.items()
+            if k.startswith(prefix + ".")}
+
+
+def flatten(parts: dict[str, Params]) -> Params:
+    return {f"{seg}.{n}": t.detach().clone() for seg, ps in parts.items() for n, t in ps.items()}
+
+
+@torch.no_grad()
+def evaluate(sm: SplitModel, device_state: Params, server_state: Params, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Loss (mean per example or per target token) and accuracy of the composed model."""
+    dev = {s: {k[len(s) + 1:]: v for k, v in device_state.items() if k.startswith(s + ".")} for s in ("front", "back")}
+    srv = {k[len("middle") + 1:]: v for k, v in server_state.items()}
+    total, count, correct, examples = 0.0, 0, 0, 0
+    for batch in batches:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        h = call(sm.middle, srv, call(sm.front, dev["front"], ids, mask), mask)
+        loss, logits = call(sm.back, dev["back"], h, mask, labels)
+        n = int((labels[:, 1:] != -100).sum()) if sm.decoder else int(labels.numel())
+        total, count = total + float(loss) * n, count + n
+        if not sm.decoder:
+            correct += int((logits.argmax(-1) == labels).sum())
+            examples += int(labels.numel())
+    out = {"loss": total / max(count, 1)}
+    if not sm.decoder:
+        out["accuracy"] = correct / max(examples, 1)
+    return out
