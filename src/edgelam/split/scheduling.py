@@ -13,10 +13,11 @@ turn the budget into a per-round drift-plus-penalty problem
 
     min  V omega_t / N_t + sum_k Q_k a_k E_k(beta_k)   s.t.  T_k(beta_k) <= T_max,  sum beta_k <= 1,
 
-solved over N by: the least bandwidth meeting the deadline per device (bisection), the n
-cheapest devices for each n, the best n, then water-filling of the leftover band on
-sum Q_k E_k(beta_k) (convex, decreasing), bisection on the Lagrange multiplier (an empty queue
-counts as TIE_BREAK x the largest queue there, so it still gets band by its value).
+solved by: the least bandwidth meeting the deadline per device (bisection); for each n, the n
+devices cheapest at an equal share (never below their floor), the leftover band water-filled on
+sum Q_k E_k(beta_k) (convex, decreasing; bisection on the Lagrange multiplier; an empty queue
+counts as TIE_BREAK x the largest queue, so it still gets band by its value), and the objective
+of that exact allocation; the best n wins. Checked against brute force over device subsets.
 The budget may be on latency instead of energy (``quantity = "latency"``).
 """
 
@@ -124,7 +125,7 @@ class Decision:
 
 
 def waterfill(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float], floors: Sequence[float],
-              quantity: str = "energy", iters: int = 100) -> list[float]:
+              quantity: str = "energy", iters: int = 60) -> list[float]:
     """Shares beta_k >= floor_k with sum = 1 minimising sum_k Q_k f_k(beta_k), f convex decreasing.
 
     KKT: beta_k = floor_k where -Q_k f_k'(floor_k) <= lambda, else -Q_k f_k'(beta_k) = lambda; the
@@ -178,27 +179,24 @@ def lyapunov(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float],
     by_id = {ld.device: ld for ld in loads}
     if not floors:
         return Decision("lyapunov", [], {}, sorted(infeasible), status="infeasible")
-    cost = {k: queues[k] * quantity_of(by_id[k], radio, floors[k], quantity) for k in floors}
-    order = sorted(floors, key=lambda k: (cost[k], floors[k], k))
-    best: tuple[float, int] | None = None
-    used, spent = 0.0, 0.0
-    for n, k in enumerate(order, start=1):
-        used += floors[k]
-        if used > 1.0 + 1e-12:
-            break
-        spent += cost[k]
-        j = v * omega / n + spent
+    tie = TIE_BREAK * max([1.0] + [queues[k] for k in floors])
+    best: tuple[float, list[int], list[float]] | None = None
+    for n in range(1, len(floors) + 1):
+        # the n devices cheapest at an equal share (at least their floor), then the exact shares
+        cost = {k: queues[k] * quantity_of(by_id[k], radio, max(floors[k], 1.0 / n), quantity) for k in floors}
+        chosen = sorted(floors, key=lambda k: (cost[k], floors[k], k))[:n]
+        if sum(floors[k] for k in chosen) > 1.0 + 1e-12:
+            continue
+        # Devices with an empty queue are indifferent to the leftover band in the slot problem; a small
+        # tie-break weight hands them their share of it by its value instead of leaving them at the floor.
+        betas = waterfill([by_id[k] for k in chosen], radio, [queues[k] + tie for k in chosen],
+                          [floors[k] for k in chosen], quantity)
+        j = v * omega / n + sum(queues[k] * quantity_of(by_id[k], radio, b, quantity) for k, b in zip(chosen, betas))
         if best is None or j <= best[0] + 1e-12 * max(1.0, abs(best[0])):  # ties: more devices
-            best = (j, n)
-    if best is None:  # even the cheapest device alone needs more than the band (cannot happen: floors <= 1)
+            best = (j, chosen, betas)
+    if best is None:  # no single device fits the band (cannot happen: floors <= 1)
         return Decision("lyapunov", [], {}, sorted(infeasible), status="infeasible")
-    chosen = order[: best[1]]
-    # Devices with an empty queue are indifferent to the leftover band in the slot problem; a small
-    # tie-break weight hands them their share of it by its value instead of leaving them at the floor.
-    tie = TIE_BREAK * max([1.0] + [queues[k] for k in chosen])
-    weights = [queues[k] + tie for k in chosen]
-    betas = waterfill([by_id[k] for k in chosen], radio, weights, [floors[k] for k in chosen], quantity)
-    shares = dict(zip(chosen, betas))
+    chosen, shares = best[1], dict(zip(best[1], best[2]))
     return Decision("lyapunov", sorted(chosen), {k: shares[k] for k in sorted(chosen)}, sorted(infeasible),
                     objective=best[0], min_shares={k: floors[k] for k in sorted(floors)})
 
