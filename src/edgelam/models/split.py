@@ -54,6 +54,7 @@ def minilm_path() -> Any:
 @lru_cache(maxsize=2)
 def load_encoder(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A BERT-family encoder and its tokenizer: tiny-encoder, minilm, or ``encoder:<hf id or folder>``."""
+    tok: Any
     if name == "tiny-encoder":
         tok = byte_tokenizer()
         cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -94,8 +95,9 @@ class ClassifierHead(nn.Module):
 class _Arch:
     """What differs between an encoder and a decoder: the mask, per-layer extras, the layer call."""
 
-    def __init__(self, backbone: nn.Module, decoder: bool) -> None:
-        self.backbone, self.decoder, self.config = backbone, decoder, backbone.config
+    def __init__(self, backbone: Any, decoder: bool) -> None:
+        self.backbone: Any = backbone
+        self.decoder, self.config = decoder, backbone.config
 
     def mask(self, hidden: Tensor, attention_mask: Tensor) -> Any:
         if self.decoder:
@@ -120,7 +122,7 @@ class _Arch:
 
 
 class Front(nn.Module):
-    def __init__(self, arch: _Arch, embed: nn.Module, layers: list[nn.Module]) -> None:
+    def __init__(self, arch: _Arch, embed: Any, layers: list[nn.Module]) -> None:
         super().__init__()
         self.arch, self.embed, self.layers = arch, embed, nn.ModuleList(layers)
 
@@ -142,9 +144,10 @@ class Back(nn.Module):
     """Remaining blocks and the task module; returns (loss, logits). Loss: mean cross-entropy over
     the examples (classification) or over the target tokens, shifted by one (causal LM)."""
 
-    def __init__(self, arch: _Arch, layers: list[nn.Module], head: nn.Module, norm: nn.Module | None) -> None:
+    def __init__(self, arch: _Arch, layers: list[nn.Module], head: Any, norm: Any) -> None:
         super().__init__()
-        self.arch, self.layers, self.head, self.norm = arch, nn.ModuleList(layers), head, norm
+        self.arch, self.layers, self.norm = arch, nn.ModuleList(layers), norm
+        self.head: Any = head
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.arch.run(self.layers, hidden, attention_mask)
@@ -205,7 +208,7 @@ def call(module: nn.Module, params: Params, *args: Any) -> Any:
     return functional_call(module, params, args, strict=False)
 
 
-def _backbone(peft: Any) -> nn.Module:
+def _backbone(peft: Any) -> Any:
     inner = peft.base_model.model
     return inner.model if hasattr(inner, "lm_head") else inner
 
@@ -230,7 +233,7 @@ def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, 
                           f"the server runs blocks [a, b)")
     targets = tuple(lora.target_modules) + ((embed_name,) if embedding_lora else ())
     settings = LoraConfig(lora.r, lora.alpha, lora.dropout, targets)
-    peft = attach_lora(model, settings, seed=seed, task_type="CAUSAL_LM" if decoder else None)
+    peft: Any = attach_lora(model, settings, seed=seed, task_type="CAUSAL_LM" if decoder else None)
     backbone = _backbone(peft)
     del backbone_pre
     arch = _Arch(backbone, decoder)

@@ -69,6 +69,8 @@ def setup_split(cfg: RunConfig) -> SplitContext:
                           f"trains a classifier on sst2 / agnews; a decoder (tiny, smollm2, ...) a causal LM on text data")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    clients: list[list[Any]]
+    test: list[Any]
     if encoder:
         from edgelam.models.split import load_encoder
 
