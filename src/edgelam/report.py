@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+import yaml  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgelam.store import read_jsonl  # noqa: E402
@@ -30,19 +31,23 @@ def load_run(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
-    """Eval loss and perplexity against round and against simulated time; one line per run."""
+    """Eval loss and perplexity (accuracy for classifiers) against round and simulated time; one line per run."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    accuracy = False
     for run_dir in run_dirs:
         label, rows = load_run(Path(run_dir))
         ev = [r for r in rows if r.get("eval_loss") is not None]
         rounds = [r["round"] for r in ev]
         times = [r["sim_time_s"] for r in ev]
         axes[0, 0].plot(rounds, [r["eval_loss"] for r in ev], marker="o", label=label)
-        axes[0, 1].plot(rounds, [r["eval_ppl"] for r in ev], marker="o", label=label)
+        accuracy = accuracy or any(r.get("eval_accuracy") is not None for r in ev)
+        second = [r.get("eval_accuracy") if r.get("eval_accuracy") is not None else r["eval_ppl"] for r in ev]
+        axes[0, 1].plot(rounds if not accuracy else times, second, marker="o", label=label)
         axes[1, 0].plot(times, [r["eval_loss"] for r in ev], marker="o", label=label)
         trained = [r for r in rows if r.get("train_loss") is not None]
         axes[1, 1].plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker=".", label=label)
-    titles = [("round", "eval loss"), ("round", "eval perplexity"), ("simulated time (s)", "eval loss"), ("round", "train loss")]
+    titles = [("round", "eval loss"), ("simulated time (s)", "eval accuracy") if accuracy else ("round", "eval perplexity"),
+              ("simulated time (s)", "eval loss"), ("round", "train loss")]
     for ax, (x, y) in zip(axes.flat, titles):
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -58,6 +63,58 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
     plt.close(fig)
     tmp.replace(out_file)
     return out_file
+
+
+def _save(fig: Any, out_file: Path) -> Path:
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.stem}.tmp{out_file.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_file)
+    return out_file
+
+
+def plot_split(run_dirs: Sequence[Path], out_file: Path) -> Path:
+    """Split runs: accuracy against round, each device's average energy per round against its
+    budget, devices scheduled per round, and (for the Lyapunov runs) average energy and final
+    accuracy against V."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    runs = [(Path(d), *load_run(Path(d))) for d in run_dirs]
+    width = 0.8 / max(len(runs), 1)
+    by_v: list[tuple[float, float, float]] = []
+    budget: list[float] = []
+    for i, (d, label, rows) in enumerate(runs):
+        s = json.loads((d / "summary.json").read_text())
+        ev = [r for r in rows if r.get("eval_accuracy") is not None]
+        axes[0, 0].plot([r["round"] for r in ev], [r["eval_accuracy"] for r in ev], marker="o", label=label)
+        energy = s["spent_per_round"]
+        budget = s["budget_per_device"]
+        axes[0, 1].bar([k + i * width for k in range(len(energy))], energy, width, label=label)
+        trained = [r for r in rows if r["round"] > 0]
+        axes[1, 0].plot([r["round"] for r in trained], [len(r["clients"]) for r in trained], marker=".", label=label)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        sched = cfg["split"]["schedule"]
+        if sched["policy"] == "lyapunov" and s.get("final_eval_accuracy") is not None:
+            by_v.append((max(float(sched["v"]), 1e-3), sum(energy) / len(energy), s["final_eval_accuracy"]))
+    if budget:
+        axes[0, 1].step([k - 0.5 for k in range(len(budget) + 1)], budget + budget[-1:], where="post", color="k",
+                        linestyle="--", label="budget")
+    if by_v:
+        by_v.sort()
+        axes[1, 1].semilogx([v for v, _, _ in by_v], [e for _, e, _ in by_v], marker="o", color="C0", label="avg per device per round")
+        twin = axes[1, 1].twinx()
+        twin.semilogx([v for v, _, _ in by_v], [a for _, _, a in by_v], marker="s", color="C3", label="final accuracy")
+        twin.set_ylabel("final eval accuracy", color="C3")
+    labels = [("round", "eval accuracy"), ("device", "spent per round (budgeted quantity)"),
+              ("round", "devices scheduled"), ("V (Lyapunov)", "spent per device per round")]
+    for ax, (x, y) in zip(axes.flat, labels):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_file)
 
 
 def _mb(n: float) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from edgelam.config import ConfigError, load_config
-from edgelam.report import plot_runs
+from edgelam.report import plot_runs, plot_split
 from edgelam.store import atomic_write_text, read_jsonl
 
 
@@ -71,13 +71,25 @@ def _cpu() -> str:
     return platform.machine()
 
 
+def bytes_to_loss(rows: list[dict[str, Any]], target: float) -> float | None:
+    """Radio bytes (up + down) spent by the first evaluation at or below ``target``."""
+    for r in rows:
+        if r.get("eval_loss") is not None and r["eval_loss"] <= target + 1e-12:
+            return float(r["bytes_up_total"] + r["bytes_down_total"])
+    return None
+
+
 def results_table(sweep: Sweep, out: Path) -> str:
     rows_by = {v: read_jsonl(out / v / "metrics.jsonl") for v in sweep.variants}
     summaries = {v: json.loads((out / v / "summary.json").read_text()) for v in sweep.variants}
     target = summaries[sweep.target]["final_eval_loss"] if sweep.target else None
     tasks = sorted({t for s in summaries.values() for t in (s.get("final_eval_tasks") or {})})
     head = ["variant", "strategy", "eval loss (0 -> final)", "ppl", *[f"ppl {t}" for t in tasks], "sim time s"]
-    head += [f"sim s to loss <= {target:.4f}" if target is not None else "", "MB up", "MB down", "MB backhaul", "energy J", "wall s"]
+    split = all("budget" in s for s in summaries.values())
+    if split:
+        head += ["accuracy (0 -> final)", "devices/round", "max device spent/round vs budget"]
+    head += [f"sim s to loss <= {target:.4f}" if target is not None else "", f"MB to loss <= {target:.4f}" if target is not None else "",
+             "MB up", "MB down", "MB backhaul", "energy J", "wall s"]
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, s in summaries.items():
@@ -85,8 +97,17 @@ def results_table(sweep: Sweep, out: Path) -> str:
         reach = time_to_loss(rows_by[v], target) if target is not None else None
         cells = [v, s["strategy"], f"{s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}", f"{s['final_eval_ppl']:.2f}",
                  *[f"{t[k]['ppl']:.2f}" if k in t else "-" for k in tasks], f"{s['sim_time_s']:.1f}"]
+        if split:
+            trained = [r for r in rows_by[v] if r["round"] > 0]
+            spent = s["spent_per_round"]
+            worst = max(range(len(spent)), key=lambda k: spent[k] / s["budget_per_device"][k])
+            cells += [f"{s['first_eval_accuracy']:.3f} -> {s['final_eval_accuracy']:.3f}",
+                      f"{sum(len(r['clients']) for r in trained) / max(len(trained), 1):.1f}",
+                      f"{spent[worst]:.3f} / {s['budget_per_device'][worst]:.3f}"]
         if target is not None:
             cells.append(f"{reach:.1f}" if reach is not None else "not reached")
+            mb = bytes_to_loss(rows_by[v], target)
+            cells.append(f"{mb / 1e6:.2f}" if mb is not None else "not reached")
         backhaul = s.get("bytes_backhaul_up_total", 0) + s.get("bytes_backhaul_down_total", 0)
         cells += [f"{s['bytes_up_total'] / 1e6:.2f}", f"{s['bytes_down_total'] / 1e6:.2f}", f"{backhaul / 1e6:.2f}",
                   f"{s['energy_j_total']:.1f}", f"{s['wall_s']:.0f}"]
@@ -106,6 +127,9 @@ def run_sweep(path: Path, out: Path, run_one: Callable[[Any, Path, bool], dict[s
         cfg = load_config(run_dir / "config.yaml") if resume else load_config(sweep.base, overrides)
         run_one(cfg, run_dir, resume)
     plot_runs([out / v for v in sweep.variants], out / "curves.png")
+    split = all("budget" in json.loads((out / v / "summary.json").read_text()) for v in sweep.variants)
+    if split:
+        plot_split([out / v for v in sweep.variants], out / "split.png")
     wall_s = sum(json.loads((out / v / "summary.json").read_text())["wall_s"] for v in sweep.variants)
     text = [f"# {sweep.name}", "", sweep.description.strip(), "",
             f"- command: `edgelam sweep {path} --out {out}`",
@@ -113,6 +137,6 @@ def run_sweep(path: Path, out: Path, run_one: Callable[[Any, Path, bool], dict[s
             + "; ".join(f"`{k}`: {' '.join(v) or '(none)'}" for k, v in sweep.variants.items()),
             f"- machine: {_cpu()}, {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}; "
             f"wall time {wall_s:.0f} s for all variants (this invocation: {time.perf_counter() - t0:.0f} s)",
-            "", results_table(sweep, out), "", "![curves](curves.png)", ""]
+            "", results_table(sweep, out), "", "![curves](curves.png)", ""] + (["![split](split.png)", ""] if split else [])
     atomic_write_text(out / "results.md", "\n".join(text))
     return out / "results.md"
