@@ -41,3 +41,20 @@ def test_bad_sweep_files(repo, tmp_path):
     bad.write_text(f"base: {repo / 'configs/tiny.yaml'}\ntarget: zz\nvariants:\n  a: []\n")
     with pytest.raises(ConfigError, match="target 'zz' is not one of the variants"):
         load_sweep(bad)
+
+
+def test_split_sweep_reports_budgets_and_plots(repo, tmp_path):
+    from edgelam.sweep import run_sweep
+
+    from edgelam.fl.orchestrator import run
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"name: t\nbase: {repo / 'configs/tiny_split.yaml'}\ntarget: all\n"
+                     "variants:\n  lyap: [fl.rounds=2]\n  all: [fl.rounds=2, split.schedule.policy=all]\n")
+    out = tmp_path / "out"
+    run_sweep(sweep, out, lambda cfg, d, resume: run(cfg, d, resume))
+    text = (out / "results.md").read_text()
+    assert "accuracy (0 -> final)" in text and "vs budget" in text and "MB to loss" in text
+    row = next(line for line in text.splitlines() if line.startswith("| all |"))
+    assert "| 6.0 |" in row  # every device, every round
+    assert (out / "split.png").stat().st_size > 10_000 and "![split](split.png)" in text

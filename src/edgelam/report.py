@@ -127,11 +127,21 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     t.add_row("rounds", str(summary["rounds"]))
     t.add_row("eval loss (round 0 -> final)", f"{summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
-    t.add_row("eval perplexity (final)", f"{summary['final_eval_ppl']:.2f}")
+    if summary.get("final_eval_accuracy") is not None:
+        t.add_row("eval accuracy (round 0 -> final)", f"{summary['first_eval_accuracy']:.4f} -> {summary['final_eval_accuracy']:.4f}")
+    else:
+        t.add_row("eval perplexity (final)", f"{summary['final_eval_ppl']:.2f}")
     for task, v in sorted((summary.get("final_eval_tasks") or {}).items()):
         t.add_row(f"  ppl ({task})", f"{v['ppl']:.2f}")
     t.add_row("simulated time", f"{summary['sim_time_s']:.1f} s")
     t.add_row("bytes up / down", f"{_mb(summary['bytes_up_total'])} / {_mb(summary['bytes_down_total'])}")
     t.add_row("device energy", f"{summary['energy_j_total']:.2f} J")
+    if "spent_per_round" in summary:  # split runs: each device's time-averaged spending against its budget
+        unit = "J" if summary["budget"] == "energy" else "s"
+        spent, budget = summary["spent_per_round"], summary["budget_per_device"]
+        over = [k for k, (x, b) in enumerate(zip(spent, budget)) if x > b]
+        t.add_row(f"{summary['budget']} per device per round", f"max {max(spent):.3f} {unit}, budget {min(budget):.3f} {unit}")
+        t.add_row("devices over budget", ", ".join(map(str, over)) or "none")
+        t.add_row("times scheduled per device", " ".join(map(str, summary["times_scheduled"])))
     t.add_row("wall time", f"{summary['wall_s']:.1f} s")
     return t
