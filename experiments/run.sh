@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run one experiment (or all) and keep its light results in experiments/results/NAME:
-#   bash experiments/run.sh async   # or: multidomain | hierarchical | hetero_rank | split_schedulers | split_v | split_bytes | all
+#   bash experiments/run.sh async   # or: multidomain | hierarchical | hetero_rank | split_schedulers | split_schedulers_noniid | split_v | split_bytes | all
 # Heavy run folders (adapters, checkpoints) stay under runs/sweeps/NAME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 names=("$@")
-[ "${names[0]:-all}" = all ] && names=(async hierarchical hetero_rank multidomain split_schedulers split_v split_bytes)
+[ "${names[0]:-all}" = all ] && names=(async hierarchical hetero_rank multidomain split_schedulers split_schedulers_noniid split_v split_bytes)
 for name in "${names[@]}"; do
   .venv/bin/edgelam sweep "experiments/$name.yaml" --out "runs/sweeps/$name"
   dest="experiments/results/$name"

@@ -130,6 +130,10 @@ def test_tiny_split_run_end_to_end(tmp_path) -> None:
         assert sched["queues"] == pytest.approx(want)
         assert r["eval_accuracy"] is not None
     assert summary["final_eval_accuracy"] is not None and len(summary["energy_per_round_j"]) == 6
+    # the queue bound: time-averaged spending <= budget + Q_k(T) / T, for every device
+    final_q = rows[-1]["schedule"]["queues"]
+    for k, spent in enumerate(summary["spent_per_round"]):
+        assert spent <= 0.05 + final_q[k] / 2 + 1e-12
     assert (out / "plots" / "curves.png").stat().st_size > 0
     # the saved adapter (PEFT format) + classifier reproduce the run's final evaluation
     base, tok = load_encoder("tiny-encoder", 0)

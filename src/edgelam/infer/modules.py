@@ -1,0 +1,212 @@
+"""One functional module of a decoder LM, hosted for inference: the embedding, a block range, or the head.
+
+A block range keeps one KV cache per open session. A request names its session and the position
+of its first token: position == the session's length continues it; a smaller position rolls the
+cache back to it first (speculative decoding rejects drafted tokens; a replay after a failover
+starts at 0); an unknown session must start at 0 (a replacement server rebuilding a cache from the
+coordinator's replay). Sessions idle for ``session_ttl_s`` are closed and their cache freed.
+LoRA adapters (PEFT folders, e.g. what federated runs write) are loaded by name and chosen per request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from edgelam.models.load import load_base
+
+
+class ModuleError(ValueError):
+    """A request this module cannot serve (bad shapes, unknown adapter, a session out of step)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    kind: str  # embed | blocks | head
+    start: int = 0
+    end: int = 0
+
+    @staticmethod
+    def parse(text: str) -> "ModuleSpec":
+        """``embed``, ``head`` or ``blocks:A:B`` (blocks A..B-1)."""
+        parts = text.split(":")
+        if parts[0] in ("embed", "head") and len(parts) == 1:
+            return ModuleSpec(parts[0])
+        if parts[0] == "blocks" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]) and int(parts[1]) < int(parts[2]):
+            return ModuleSpec("blocks", int(parts[1]), int(parts[2]))
+        raise ValueError(f"module '{text}' must be embed, head or blocks:A:B with A < B (blocks A..B-1)")
+
+    def __str__(self) -> str:
+        return f"blocks:{self.start}:{self.end}" if self.kind == "blocks" else self.kind
+
+
+@dataclass
+class Session:
+    cache: Any
+    length: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def causal_mask(q: int, start: int, dtype: torch.dtype) -> Tensor:
+    """(1, 1, q, start + q) additive mask: query i (at position start + i) sees keys 0..start + i."""
+    keys = torch.arange(start + q)
+    queries = torch.arange(start, start + q).unsqueeze(1)
+    mask = torch.zeros(q, start + q, dtype=dtype)
+    mask.masked_fill_(keys.unsqueeze(0) > queries, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class ModuleHost:
+    """Loads the base model, keeps only what ``spec`` needs in use, and serves forward calls."""
+
+    def __init__(self, model_name: str, spec: ModuleSpec, adapters: dict[str, str] | None = None,
+                 dtype: str = "float32", session_ttl_s: float = 300.0) -> None:
+        base = load_base(model_name, dtype, 0)
+        self.model_name, self.spec, self.session_ttl_s = model_name, spec, session_ttl_s
+        self.config = base.model.config
+        self.num_layers = int(self.config.num_hidden_layers)
+        if spec.kind == "blocks" and spec.end > self.num_layers:
+            raise ValueError(f"blocks:{spec.start}:{spec.end} exceeds the model's {self.num_layers} blocks")
+        self.peft: Any = None
+        self.adapters = sorted(adapters or {})
+        if adapters:
+            from peft import PeftModel
+
+            names = sorted(adapters)
+            for n in names:
+                if not (Path(adapters[n]) / "adapter_config.json").is_file():
+                    raise ValueError(f"adapter '{n}': {adapters[n]} is not a PEFT adapter folder (no adapter_config.json)")
+            self.peft = PeftModel.from_pretrained(base.model, adapters[names[0]], adapter_name=names[0])
+            for n in names[1:]:
+                self.peft.load_adapter(adapters[n], adapter_name=n)
+            self.peft.eval()
+        lm = base.model
+        self.backbone: Any = lm.model
+        self.embed = self.backbone.embed_tokens
+        self.layers = list(self.backbone.layers)[spec.start: spec.end] if spec.kind == "blocks" else []
+        self.norm, self.lm_head = self.backbone.norm, lm.lm_head
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.stats = {"requests_total": 0, "tokens_total": 0, "errors_total": 0, "sessions_expired_total": 0,
+                      "request_seconds_sum": 0.0}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "module": str(self.spec), "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size, "vocab_size": int(self.config.vocab_size), "adapters": self.adapters,
+                "sessions": len(self.sessions)}
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        import contextlib
+
+        if self.peft is None or adapter in (None, "", "base"):
+            if self.peft is not None:
+                return self.peft.disable_adapter()
+            if adapter not in (None, "", "base"):
+                raise ModuleError(f"adapter '{adapter}' is not loaded here; this module serves the base model only")
+            return contextlib.nullcontext()
+        if adapter not in self.adapters:
+            raise ModuleError(f"adapter '{adapter}' is not loaded here; loaded: {self.adapters}")
+        self.peft.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def expire(self, now: float | None = None) -> int:
+        """Close sessions idle for longer than the TTL; returns how many."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            old = [s for s, v in self.sessions.items() if now - v.last_used > self.session_ttl_s]
+            for s in old:
+                del self.sessions[s]
+            self.stats["sessions_expired_total"] += len(old)
+        return len(old)
+
+    def close(self, session: str) -> bool:
+        with self.lock:
+            return self.sessions.pop(session, None) is not None
+
+    @torch.no_grad()
+    def forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        t0 = time.perf_counter()
+        with self.lock:
+            try:
+                with self._adapter_context(meta.get("adapter")):
+                    out = self._forward(tensors, meta)
+            except ModuleError:
+                self.stats["errors_total"] += 1
+                raise
+            self.stats["requests_total"] += 1
+            self.stats["request_seconds_sum"] += time.perf_counter() - t0
+            return out
+
+    def _forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        kind = self.spec.kind
+        if kind == "embed":
+            ids = tensors.get("input_ids")
+            if ids is None or ids.dim() != 2 or ids.is_floating_point():
+                raise ModuleError("embed expects an integer tensor 'input_ids' of shape (batch, tokens)")
+            if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+                raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
+            self.stats["tokens_total"] += ids.numel()
+            return {"hidden": self.embed(ids)}, {}
+        hidden = tensors.get("hidden")
+        if hidden is None or hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
+            raise ModuleError(f"{kind} expects a float tensor 'hidden' of shape (batch, tokens, {self.hidden_size})")
+        if not bool(torch.isfinite(hidden).all()):
+            raise ModuleError("'hidden' holds NaN or infinite values")
+        self.stats["tokens_total"] += hidden.shape[0] * hidden.shape[1]
+        if kind == "head":
+            logits = self.lm_head(self.norm(hidden)).float()
+            probs = torch.softmax(logits, dim=-1)
+            top_p, top_i = probs.max(dim=-1)
+            out = {"token_ids": top_i, "top_prob": top_p}
+            if meta.get("return_logits"):
+                out["logits"] = logits
+            return out, {}
+        return self._blocks(hidden, meta)
+
+    def _blocks(self, hidden: Tensor, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        from transformers import DynamicCache
+
+        sid = meta.get("session")
+        pos = meta.get("position", 0)
+        if not isinstance(sid, str) or not sid or not isinstance(pos, int) or pos < 0:
+            raise ModuleError("blocks need metadata 'session' (a non-empty string) and 'position' (an integer >= 0)")
+        if hidden.shape[0] != 1:
+            raise ModuleError("sessions hold one sequence: 'hidden' must have batch size 1")
+        sess = self.sessions.get(sid)
+        if sess is None:
+            if pos != 0:
+                raise ModuleError(f"session '{sid}' is unknown here (expired or never opened); replay it from position 0",
+                                  status=409)
+            sess = self.sessions[sid] = Session(DynamicCache(config=self.config))
+        elif pos > sess.length:
+            raise ModuleError(f"session '{sid}' holds {sess.length} tokens; position {pos} would leave a gap", status=409)
+        elif pos < sess.length:  # roll back (rejected draft tokens, or a replay from 0)
+            if pos == 0:
+                sess.cache = DynamicCache(config=self.config)
+            else:
+                sess.cache.crop(pos - sess.length)  # a negative count: drop that many tokens
+            sess.length = pos
+        q = hidden.shape[1]
+        positions = torch.arange(pos, pos + q).unsqueeze(0)
+        pe = self.backbone.rotary_emb(hidden, position_ids=positions)
+        mask = causal_mask(q, pos, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=sess.cache,
+                           use_cache=True, position_embeddings=pe)
+        sess.length = pos + q
+        sess.last_used = time.monotonic()
+        return {"hidden": hidden}, {"length": sess.length}
