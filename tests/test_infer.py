@@ -191,3 +191,59 @@ def test_infer_cli_runs_a_topology(repo) -> None:
     out = proc.stdout
     assert "per-token timing" in out and "edge1" in out and "edge2" in out
     assert "time to first token" in out and "transport shaping" in out
+
+
+def _local(spec: str) -> LocalTransport:
+    return LocalTransport(ModuleHost(MODEL, ModuleSpec.parse(spec)), spec)
+
+
+@pytest.mark.parametrize("draft,fixed", [("full:1", 3), ("full:1", None), ("full:3", 2), ("full", None)])
+def test_speculative_equals_upstream_greedy(base, draft, fixed) -> None:
+    from edgelam.infer.speculative import AdaptiveGamma, Speculative
+
+    ids = prompt_ids(base.tokenizer, "Tell me a story.")
+    want = reference(base, ids, 20)
+    st = Speculative(_local(draft), _local("full"), AdaptiveGamma(fixed=fixed)).generate(ids, 20)
+    assert st.tokens == want
+    assert sum(st.gammas) == st.drafted and 0 <= st.accepted <= st.drafted
+    if draft == "full":  # the draft is the target: every drafted token is accepted
+        assert st.acceptance == 1.0
+
+
+def test_draft_length_adapts_to_round_trip_and_acceptance() -> None:
+    from edgelam.infer.speculative import AdaptiveGamma
+
+    g = AdaptiveGamma(gamma_max=8)
+    for _ in range(10):  # a perfect draft, 1 ms per drafted token, 50 ms round trips: draft long
+        g.observe(drafted=4, accepted=4, draft_s=0.004, verify_s=0.050)
+    assert g.choose() == 8
+    g = AdaptiveGamma(gamma_max=8)
+    for _ in range(10):  # a draft that is always wrong: do not draft (but probe now and then)
+        g.observe(drafted=4, accepted=0, draft_s=0.004, verify_s=0.050)
+    assert g.choose() == 0
+    for _ in range(8):
+        g.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=0.050)
+    assert g.choose() == 2  # the probe
+    fast = AdaptiveGamma(gamma_max=8)
+    for _ in range(10):  # 60 % acceptance: long drafts pay over a slow link, not over a fast one
+        fast.observe(drafted=5, accepted=3, draft_s=0.010, verify_s=0.004)
+    slow = AdaptiveGamma(gamma_max=8)
+    for _ in range(10):
+        slow.observe(drafted=5, accepted=3, draft_s=0.010, verify_s=0.200)
+    assert fast.choose() < slow.choose()
+
+
+def test_escalation_by_confidence(base) -> None:
+    from edgelam.infer.speculative import Escalation
+
+    ids = prompt_ids(base.tokenizer, "Hello")
+    tiers = lambda: [("device", _local("full:1")), ("edge", _local("full:3")), ("cloud", _local("full"))]  # noqa: E731
+    everything_up = Escalation(tiers(), [1.01, 1.01]).generate(ids, 12)
+    assert everything_up.tokens == reference(base, ids, 12) and everything_up.shares()["cloud"] == 1.0
+    device_only = Escalation(tiers(), [0.0, 0.0]).generate(ids, 12)
+    assert device_only.shares()["device"] == 1.0
+    assert device_only.tokens == Escalation([("d", _local("full:1"))], []).generate(ids, 12).tokens
+    probs = []
+    mixed = Escalation(tiers(), [0.05, 0.05]).generate(ids, 12)
+    probs = mixed.shares()
+    assert sum(probs.values()) == pytest.approx(1.0) and len(mixed.tokens) == 12

@@ -32,22 +32,27 @@ class ModuleError(ValueError):
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    kind: str  # embed | blocks | head
+    kind: str  # embed | blocks | head | full
     start: int = 0
-    end: int = 0
+    end: int = 0  # full: 0 = every block; K = the first K blocks and the head (an early-exit draft)
 
     @staticmethod
     def parse(text: str) -> "ModuleSpec":
-        """``embed``, ``head`` or ``blocks:A:B`` (blocks A..B-1)."""
+        """``embed``, ``head``, ``blocks:A:B`` (blocks A..B-1), ``full`` (the whole model) or ``full:K``
+        (embedding, the first K blocks, final norm and LM head: a self-speculative draft)."""
         parts = text.split(":")
-        if parts[0] in ("embed", "head") and len(parts) == 1:
+        if parts[0] in ("embed", "head", "full") and len(parts) == 1:
             return ModuleSpec(parts[0])
+        if parts[0] == "full" and len(parts) == 2 and parts[1].isdigit() and int(parts[1]) > 0:
+            return ModuleSpec("full", 0, int(parts[1]))
         if parts[0] == "blocks" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]) and int(parts[1]) < int(parts[2]):
             return ModuleSpec("blocks", int(parts[1]), int(parts[2]))
-        raise ValueError(f"module '{text}' must be embed, head or blocks:A:B with A < B (blocks A..B-1)")
+        raise ValueError(f"module '{text}' must be embed, head, full, full:K or blocks:A:B with A < B (blocks A..B-1)")
 
     def __str__(self) -> str:
-        return f"blocks:{self.start}:{self.end}" if self.kind == "blocks" else self.kind
+        if self.kind == "blocks":
+            return f"blocks:{self.start}:{self.end}"
+        return f"full:{self.end}" if self.kind == "full" and self.end else self.kind
 
 
 @dataclass
@@ -75,8 +80,8 @@ class ModuleHost:
         self.model_name, self.spec, self.session_ttl_s = model_name, spec, session_ttl_s
         self.config = base.model.config
         self.num_layers = int(self.config.num_hidden_layers)
-        if spec.kind == "blocks" and spec.end > self.num_layers:
-            raise ValueError(f"blocks:{spec.start}:{spec.end} exceeds the model's {self.num_layers} blocks")
+        if spec.kind in ("blocks", "full") and spec.end > self.num_layers:
+            raise ValueError(f"{spec} exceeds the model's {self.num_layers} blocks")
         self.peft: Any = None
         self.adapters = sorted(adapters or {})
         if adapters:
@@ -93,7 +98,12 @@ class ModuleHost:
         lm = base.model
         self.backbone: Any = lm.model
         self.embed = self.backbone.embed_tokens
-        self.layers = list(self.backbone.layers)[spec.start: spec.end] if spec.kind == "blocks" else []
+        if spec.kind == "blocks":
+            self.layers = list(self.backbone.layers)[spec.start: spec.end]
+        elif spec.kind == "full":
+            self.layers = list(self.backbone.layers)[: spec.end or self.num_layers]
+        else:
+            self.layers = []
         self.norm, self.lm_head = self.backbone.norm, lm.lm_head
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
@@ -153,14 +163,17 @@ class ModuleHost:
 
     def _forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         kind = self.spec.kind
-        if kind == "embed":
+        if kind in ("embed", "full"):
             ids = tensors.get("input_ids")
-            if ids is None or ids.dim() != 2 or ids.is_floating_point():
-                raise ModuleError("embed expects an integer tensor 'input_ids' of shape (batch, tokens)")
+            if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+                raise ModuleError(f"{kind} expects an integer tensor 'input_ids' of shape (batch, tokens)")
             if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
                 raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
             self.stats["tokens_total"] += ids.numel()
-            return {"hidden": self.embed(ids)}, {}
+            if kind == "embed":
+                return {"hidden": self.embed(ids)}, {}
+            out, meta_out = self._blocks(self.embed(ids), meta)
+            return self._head(out["hidden"], meta), meta_out
         hidden = tensors.get("hidden")
         if hidden is None or hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
             raise ModuleError(f"{kind} expects a float tensor 'hidden' of shape (batch, tokens, {self.hidden_size})")
@@ -168,14 +181,17 @@ class ModuleHost:
             raise ModuleError("'hidden' holds NaN or infinite values")
         self.stats["tokens_total"] += hidden.shape[0] * hidden.shape[1]
         if kind == "head":
-            logits = self.lm_head(self.norm(hidden)).float()
-            probs = torch.softmax(logits, dim=-1)
-            top_p, top_i = probs.max(dim=-1)
-            out = {"token_ids": top_i, "top_prob": top_p}
-            if meta.get("return_logits"):
-                out["logits"] = logits
-            return out, {}
+            return self._head(hidden, meta), {}
         return self._blocks(hidden, meta)
+
+    def _head(self, hidden: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
+        """Greedy next token and its probability at every position (logits on request)."""
+        logits = self.lm_head(self.norm(hidden)).float()
+        top_p, top_i = torch.softmax(logits, dim=-1).max(dim=-1)
+        out = {"token_ids": top_i, "top_prob": top_p}
+        if meta.get("return_logits"):
+            out["logits"] = logits
+        return out
 
     def _blocks(self, hidden: Tensor, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         from transformers import DynamicCache

@@ -1,0 +1,214 @@
+"""Vertical cloud-edge-end collaboration: speculative decoding and confidence escalation.
+
+**Speculative decoding** (Leviathan et al. 2023; greedy verification as Petals does): the device
+drafts gamma tokens with a small model or the first K blocks of the same model with its LM head
+(``full:K``, self-speculative), the upstream target (edge or cloud, a ``full`` module service)
+scores the accepted sequence's unseen tail plus the drafts in one call, and the device keeps the
+drafts up to the first disagreement plus the target's own token there. Every emitted token is the
+target's greedy choice given the true prefix, so the answer equals upstream-only greedy decoding.
+Both sides keep KV caches per session and roll back to the accepted prefix (``position`` below
+their length). Only token ids cross the link.
+
+The draft length adapts: with per-token acceptance rate a (moving average), draft time per token
+t_d and verification round trip T_v (moving averages of what was measured), the expected tokens
+per round are (1 - a^(g+1)) / (1 - a) for g drafts, and gamma maximises that per second of
+g t_d + T_v, over 0..gamma_max (0: no draft, plain upstream decoding).
+
+**Escalation by confidence**: each token is taken from the first tier (device, edge, cloud, ...)
+whose greedy choice has probability >= its threshold; the last tier always answers. Each tier's
+session catches up on the tokens it has not seen when it is next asked.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from edgelam.infer.client import Transport
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    gammas: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # wall time at which each token was emitted (from start)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+
+class AdaptiveGamma:
+    """Chooses the draft length from measured acceptance and timings (module docstring)."""
+
+    def __init__(self, gamma_max: int = 8, fixed: int | None = None, smoothing: float = 0.3, prior_acceptance: float = 0.6,
+                 probe_every: int = 8) -> None:
+        self.gamma_max, self.fixed, self.w, self.probe_every = gamma_max, fixed, smoothing, probe_every
+        self.a = prior_acceptance
+        self.t_draft: float | None = None
+        self.t_verify: float | None = None
+        self.idle_rounds = 0  # rounds since the last draft: the estimates go stale when no draft runs
+
+    def best(self) -> int:
+        assert self.t_draft is not None and self.t_verify is not None
+        a, td, tv = min(self.a, 0.999), self.t_draft, self.t_verify
+        return max(range(self.gamma_max + 1), key=lambda g: ((1 - a ** (g + 1)) / (1 - a) / (g * td + tv), g))
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.t_draft is None or self.t_verify is None:
+            return min(4, self.gamma_max)  # measure first
+        g = self.best()
+        if g == 0 and self.idle_rounds >= self.probe_every:
+            return min(2, self.gamma_max)  # a probe keeps acceptance and draft time current
+        return g
+
+    def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else (1 - self.w) * old + self.w * new
+
+        self.idle_rounds = 0 if drafted else self.idle_rounds + 1
+        if drafted:
+            # a prefix ending in a rejection says the (accepted+1)-th was rejected: MLE of a per token
+            trials = accepted + (1 if accepted < drafted else 0)
+            self.a = ema(self.a, accepted / trials if trials else self.a)
+            self.t_draft = ema(self.t_draft, draft_s / drafted)
+        self.t_verify = ema(self.t_verify, verify_s)
+
+
+class Speculative:
+    def __init__(self, draft: Transport, target: Transport, gamma: AdaptiveGamma | None = None, adapter: str | None = None) -> None:
+        self.draft, self.target, self.gamma, self.adapter = draft, target, gamma or AdaptiveGamma(), adapter
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+               stats: SpecStats | None = None) -> Iterator[int]:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        st = stats if stats is not None else SpecStats()
+        sd, stg = uuid.uuid4().hex, uuid.uuid4().hex
+        seq = list(prompt_ids)
+        d_len = t_len = 0  # tokens of seq each side's cache holds
+        t0 = time.perf_counter()
+        produced = 0
+        try:
+            while produced < max_new_tokens:
+                g = min(self.gamma.choose(), max_new_tokens - produced - 1)
+                # draft g tokens; the first call catches the draft up on what it has not seen
+                drafts: list[int] = []
+                t = time.perf_counter()
+                feed, pos = seq[d_len:], d_len
+                for _ in range(g):
+                    out, _ = self.draft.call({"input_ids": torch.tensor([feed])}, {"session": sd, "position": pos,
+                                                                                     "adapter": self.adapter})
+                    pos += len(feed)
+                    drafts.append(int(out["token_ids"][0, -1]))
+                    feed = [drafts[-1]]
+                d_len = pos if g else d_len
+                draft_s = time.perf_counter() - t
+                # verify: the target's unseen tail of seq, then the drafts, in one call
+                t = time.perf_counter()
+                tail = seq[t_len:] + drafts
+                out, _ = self.target.call({"input_ids": torch.tensor([tail])}, {"session": stg, "position": t_len,
+                                                                                "adapter": self.adapter})
+                verify_s = time.perf_counter() - t
+                preds = out["token_ids"][0].tolist()[len(seq) - t_len - 1:]  # after seq's last token, then after each draft
+                n = 0
+                while n < g and drafts[n] == preds[n]:
+                    n += 1
+                new = drafts[:n] + [preds[n]]
+                t_len = len(seq) + n  # the target holds seq and the accepted drafts
+                d_len = min(d_len, len(seq) + n)
+                self.gamma.observe(g, n, draft_s, verify_s)
+                st.rounds += 1
+                st.drafted += g
+                st.accepted += n
+                st.gammas.append(g)
+                st.draft_s += draft_s
+                st.verify_s += verify_s
+                for tok in new:
+                    seq.append(tok)
+                    produced += 1
+                    st.tokens.append(tok)
+                    st.token_times.append(time.perf_counter() - t0)
+                    yield tok
+                    if (eos_id is not None and tok == eos_id) or produced >= max_new_tokens:
+                        return
+        finally:
+            for tr, sid in ((self.draft, sd), (self.target, stg)):
+                try:
+                    tr.close_session(sid)
+                except Exception:  # a courtesy; idle sessions expire anyway
+                    pass
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> SpecStats:
+        st = SpecStats()
+        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st):
+            pass
+        return st
+
+
+@dataclass
+class EscalationStats:
+    tiers: list[str]
+    served: list[int]  # tokens answered by each tier
+    tokens: list[int] = field(default_factory=list)
+    tier_of_token: list[int] = field(default_factory=list)
+
+    def shares(self) -> dict[str, float]:
+        total = max(sum(self.served), 1)
+        return {name: n / total for name, n in zip(self.tiers, self.served)}
+
+
+class Escalation:
+    """Tiers in order (device first); ``thresholds[i]`` is the confidence tier i must reach to answer
+    (the last tier always answers)."""
+
+    def __init__(self, tiers: list[tuple[str, Transport]], thresholds: list[float], adapter: str | None = None) -> None:
+        if len(thresholds) != len(tiers) - 1:
+            raise ValueError(f"{len(tiers)} tiers need {len(tiers) - 1} thresholds (the last tier always answers)")
+        self.tiers, self.thresholds, self.adapter = tiers, thresholds, adapter
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+               stats: EscalationStats | None = None) -> Iterator[int]:
+        st = stats if stats is not None else EscalationStats([n for n, _ in self.tiers], [0] * len(self.tiers))
+        sids = [uuid.uuid4().hex for _ in self.tiers]
+        seen = [0] * len(self.tiers)
+        seq = list(prompt_ids)
+        try:
+            for _ in range(max_new_tokens):
+                for i, (_, tr) in enumerate(self.tiers):
+                    out, _ = tr.call({"input_ids": torch.tensor([seq[seen[i]:]])},
+                                     {"session": sids[i], "position": seen[i], "adapter": self.adapter})
+                    seen[i] = len(seq)
+                    tok, prob = int(out["token_ids"][0, -1]), float(out["top_prob"][0, -1])
+                    if i == len(self.tiers) - 1 or prob >= self.thresholds[i]:
+                        break
+                st.served[i] += 1
+                st.tokens.append(tok)
+                st.tier_of_token.append(i)
+                seq.append(tok)
+                yield tok
+                if eos_id is not None and tok == eos_id:
+                    return
+        finally:
+            for (_, tr), sid in zip(self.tiers, sids):
+                try:
+                    tr.close_session(sid)
+                except Exception:
+                    pass
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> EscalationStats:
+        st = EscalationStats([n for n, _ in self.tiers], [0] * len(self.tiers))
+        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st):
+            pass
+        return st
