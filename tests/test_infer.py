@@ -247,3 +247,95 @@ def test_escalation_by_confidence(base) -> None:
     mixed = Escalation(tiers(), [0.05, 0.05]).generate(ids, 12)
     probs = mixed.shares()
     assert sum(probs.values()) == pytest.approx(1.0) and len(mixed.tokens) == 12
+
+
+def _gateway(repo, topology: str):
+    from edgelam.infer.topology import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgelam.cli", "gateway", "--topology", topology, "--port", str(port)],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import time
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("gateway did not come up")
+
+
+def test_openai_client_through_the_gateway(repo, base) -> None:
+    from openai import BadRequestError, OpenAI
+
+    proc, url = _gateway(repo, "configs/tiny_pipeline.yaml")
+    try:
+        client = OpenAI(base_url=url, api_key="unused")
+        assert [m.id for m in client.models.list()] == [MODEL]
+        msgs = [{"role": "user", "content": "Hello"}]
+        want = reference(base, prompt_ids(base.tokenizer, "Hello"), 8)
+        eos = base.tokenizer.eos_token_id
+        want = want[: want.index(eos)] if eos in want else want
+        want_text = base.tokenizer.decode(want, skip_special_tokens=True)
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8)
+        assert r.choices[0].message.content == want_text and r.usage.completion_tokens == len(want)
+        parts = [c.choices[0].delta.content or "" for c in
+                 client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, stream=True)]
+        assert "".join(parts) == want_text and len(parts) >= 2
+        comp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5)
+        assert isinstance(comp.choices[0].text, str) and comp.usage.completion_tokens <= 5
+        with pytest.raises(BadRequestError, match="greedy"):
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0.7)
+        bad = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "robot", "content": 1}]})
+        assert bad.status_code == 400 and "messages must be" in bad.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("topology,key", [("configs/tiny_speculative.yaml", "acceptance"),
+                                          ("configs/tiny_multi_access.yaml", "routes"),
+                                          ("configs/tiny_escalation.yaml", "shares")])
+def test_quick_topologies_answer_like_single_process(repo, base, topology, key) -> None:
+    from edgelam.infer.topology import load_topology, open_topology
+
+    topo = load_topology(repo / topology)
+    ids = prompt_ids(base.tokenizer, "Hello")
+    with open_topology(topo, base.model.config) as runner:
+        got = list(runner.stream(ids, 10, None))
+        report = runner.report()
+    assert key in report
+    if topo.mode != "escalation":  # escalation answers from cheaper tiers by design
+        assert got == reference(base, ids, 10)
+    assert all(s.proc.poll() is not None for s in runner.services)  # stopped
+
+
+def test_multi_access_routes_by_load_and_survives_a_server_leaving(base) -> None:
+    from edgelam.infer.multi_access import MultiAccess
+    from edgelam.infer.client import LinkShaper
+
+    svcs = [start_service(MODEL, "full", f"edge{i}") for i in range(3)]
+    try:
+        wait_ready(svcs)
+        links = [LinkShaper(0.002, None), LinkShaper(0.030, None), LinkShaper(0.030, None)]
+        ma = MultiAccess([HttpTransport(s.url, s.node, ln) for s, ln in zip(svcs, links)], seed=1)
+        ids = prompt_ids(base.tokenizer, "Hi")
+        want = reference(base, ids, 6)
+        for _ in range(12):
+            assert list(ma.stream(ids, 6)) == want
+        # once measured, the fast server wins every pair it is drawn into: it takes most requests
+        assert ma.routes.count(0) > 6
+        # a server leaving mid-request: the session moves, the answer stays
+        got = []
+        for i, tok in enumerate(ma.stream(ids, 6)):
+            got.append(tok)
+            if i == 1:
+                svcs[ma.routes[-1]].kill()
+        assert got == want and len(ma.failovers) == 1
+    finally:
+        for s in svcs:
+            s.kill()

@@ -199,7 +199,7 @@ def serve_cmd(
 
 @app.command("infer")
 def infer_cmd(
-    topology: Path = typer.Option(..., "--topology", help="topology YAML (configs/tiny_pipeline.yaml)"),
+    topology: Path = typer.Option(..., "--topology", help="topology YAML (configs/tiny_pipeline.yaml, ...)"),
     prompt: str = typer.Option(..., "--prompt"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="adapter name loaded by the services"),
@@ -209,34 +209,67 @@ def infer_cmd(
     from rich.table import Table
 
     from edgelam.infer.pipeline import prompt_ids
-    from edgelam.infer.topology import LINK_EMULATION, build_pipeline, launch, load_topology, make_plan
+    from edgelam.infer.topology import LINK_EMULATION, load_topology, open_topology
     from edgelam.models.load import load_base
 
     def go() -> None:
         topo = load_topology(topology)
         base = load_base(topo.model, "float32", 0)
         tok = base.tokenizer
-        pl = make_plan(topo, base.model.config)
-        console.print(f"topology {topo.name}: {topo.model}, {len(pl.ranges)} block services x {topo.replicas}")
-        console.print(pl.table())
-        console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
         ids = prompt_ids(tok, prompt, chat)
-        with launch(topo, pl) as services:
-            pipe = build_pipeline(topo, pl, services, adapter)
-            gen = pipe.generate(list(ids), max_new_tokens or topo.max_new_tokens, tok.eos_token_id)
+        console.print(f"topology {topo.name}: {topo.mode}, model {topo.model}")
+        console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
+        tokens: list[int] = []
+        stamps: list[float] = []
+        with open_topology(topo, base.model.config, adapter) as runner:
+            if runner.plan is not None:
+                console.print(runner.plan.table())
+            console.print(f"services: {', '.join(f'{s.module} on {s.node}' for s in runner.services)}")
+            t0 = time.perf_counter()
+            for t in runner.stream(ids, max_new_tokens or topo.max_new_tokens, tok.eos_token_id):
+                tokens.append(t)
+                stamps.append(time.perf_counter() - t0)
+            report = runner.report()
+        stages = report.pop("stages", [])
+        names = list(stages[0]) if stages else []
         table = Table(title="per-token timing (ms)")
-        names = list(gen.timings[0].stages) if gen.timings else []
-        for col in ["#", "token", "total", *names]:
+        for col in ["#", "token", "since previous", *names]:
             table.add_column(col, justify="right")
-        for t in gen.timings:
-            table.add_row(str(t.index), repr(tok.decode([t.token])), f"{t.seconds * 1e3:.1f}",
-                          *[f"{t.stages[n] * 1e3:.1f}" for n in names])
+        for i, (t, at) in enumerate(zip(tokens, stamps)):
+            extra = [f"{stages[i][n] * 1e3:.1f}" for n in names] if i < len(stages) else []
+            table.add_row(str(i), repr(tok.decode([t])), f"{(at - (stamps[i - 1] if i else 0.0)) * 1e3:.1f}", *extra)
         console.print(table)
-        console.print(f"answer: {tok.decode(gen.tokens, skip_special_tokens=True)!r}")
-        console.print(f"prompt {gen.prompt_tokens} tokens; time to first token {gen.ttft_s * 1e3:.1f} ms; "
-                      f"per token after it {gen.per_token_s * 1e3:.1f} ms; model estimate {pl.latency_s * 1e3:.1f} ms")
-        for f in gen.failovers:
-            console.print(f"failover: {f}")
+        console.print(f"answer: {tok.decode(tokens, skip_special_tokens=True)!r}")
+        per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+        console.print(f"prompt {len(ids)} tokens; time to first token {stamps[0] * 1e3:.1f} ms; "
+                      f"per token after it {per_token * 1e3:.1f} ms" if stamps else "no tokens")
+        for key, value in report.items():
+            console.print(f"{key}: {value}")
+
+    _guard(go)
+
+
+@app.command("gateway")
+def gateway_cmd(
+    topology: Path = typer.Option(..., "--topology", help="topology YAML the gateway fronts"),
+    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    adapter: Optional[str] = typer.Option(None, "--adapter"),
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, streaming) in front of a topology."""
+    import uvicorn
+
+    from edgelam.infer.gateway import create_gateway
+    from edgelam.infer.topology import load_topology, open_topology
+    from edgelam.models.load import load_base
+
+    def go() -> None:
+        topo = load_topology(topology)
+        base = load_base(topo.model, "float32", 0)
+        with open_topology(topo, base.model.config, adapter) as runner:
+            app_ = create_gateway(runner.stream, base.tokenizer, topo.model, topo.max_new_tokens)
+            console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1")
+            uvicorn.run(app_, host=host, port=port, log_level="warning")
 
     _guard(go)
 

@@ -124,7 +124,7 @@ class Stage:
     candidates: list[Any]  # Transport
     active: int = 0
     dead: set[int] = field(default_factory=set)
-    history: list[tuple[int, Tensor]] = field(default_factory=list)  # (position, hidden) chunks sent
+    history: list[tuple[int, dict[str, Tensor]]] = field(default_factory=list)  # (position, inputs) chunks sent
     failovers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -142,8 +142,8 @@ class Stage:
 
     def _replay(self, meta: dict[str, Any]) -> None:
         """Resend the session's past inputs in their original chunks: the new cache is bit-identical."""
-        for pos, hidden in self.history:
-            self.transport.call({"hidden": hidden}, {**meta, "position": pos})
+        for pos, inputs in self.history:
+            self.transport.call(inputs, {**meta, "position": pos})
 
     def call(self, tensors: dict[str, Tensor], meta: dict[str, Any], stateful: bool) -> dict[str, Tensor]:
         while True:
@@ -162,7 +162,7 @@ class Stage:
                 self._replay_until_ok(meta)
         if stateful:
             self.history = [(p, h) for p, h in self.history if p < meta["position"]]  # a rollback drops the rest
-            self.history.append((meta["position"], tensors["hidden"]))
+            self.history.append((meta["position"], tensors))
         return out
 
     def _replay_until_ok(self, meta: dict[str, Any]) -> None:

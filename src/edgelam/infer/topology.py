@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class Topology:
 
 ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "max_new_tokens", "wire_dtype",
            "emulate_links", "hop_overhead_ms"}
+MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
+             "escalation": {"tiers"}, "multi_access": {"servers", "seed"}}
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:
@@ -67,11 +69,12 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
     if not p.is_file():
         raise ConfigError(f"topology file '{p}' not found")
     data = yaml.safe_load(p.read_text()) or {}
-    unknown = sorted(set(data) - ALLOWED)
+    mode = data.get("mode", "pipeline")
+    if mode not in MODE_KEYS:
+        raise ConfigError(f"topology {p}: mode '{mode}' must be one of {sorted(MODE_KEYS)}")
+    unknown = sorted(set(data) - ALLOWED - MODE_KEYS[mode])
     if unknown:
-        raise ConfigError(f"unknown key '{unknown[0]}' in topology {p}; allowed: {sorted(ALLOWED)}")
-    if data.get("mode", "pipeline") != "pipeline":
-        raise ConfigError(f"topology {p}: mode '{data.get('mode')}' is not supported; use pipeline")
+        raise ConfigError(f"unknown key '{unknown[0]}' in topology {p} (mode {mode}); allowed: {sorted(ALLOWED | MODE_KEYS[mode])}")
     try:
         nodes = [Node(str(n["name"]), float(n.get("memory_gb", 1e9)) * 1e9, float(n["flops_per_s"])) for n in data["nodes"]]
         links = {(str(ln["a"]), str(ln["b"])): Link(float(ln["rtt_ms"]) / 1e3, float(ln["rate_mbps"]) * 1e6)
@@ -92,9 +95,21 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
         raise ConfigError(f"topology {p}: replicas must be >= 1")
     if data.get("wire_dtype", "float32") not in ("float32", "float16"):
         raise ConfigError(f"topology {p}: wire_dtype must be float32 or float16")
-    return Topology(str(data.get("name", p.stem)), str(data.get("model", "tiny-varied")), "pipeline", nodes, links,
+    extra = {k: data[k] for k in MODE_KEYS[mode] if k in data}
+    names = {n.name for n in nodes} | {"device"}
+    if mode == "speculative" and str((extra.get("target") or {}).get("node")) not in names:
+        raise ConfigError(f"topology {p}: speculative mode needs target: {{node: NAME}} naming one of {sorted(names)}")
+    if mode == "escalation":
+        tiers = extra.get("tiers")
+        if not isinstance(tiers, list) or len(tiers) < 2 or any(t.get("node") not in names for t in tiers):
+            raise ConfigError(f"topology {p}: escalation needs tiers: a list of >= 2 {{node, module, threshold}} "
+                              f"with nodes among {sorted(names)}")
+    if mode == "multi_access" and (not isinstance(extra.get("servers"), list) or not extra["servers"]
+                                   or any(s not in names for s in extra["servers"])):
+        raise ConfigError(f"topology {p}: multi_access needs servers: a list of node names among {sorted(names)}")
+    return Topology(str(data.get("name", p.stem)), str(data.get("model", "tiny-varied")), mode, nodes, links,
                     placement, replicas, int(data.get("max_new_tokens", 16)), str(data.get("wire_dtype", "float32")),
-                    bool(data.get("emulate_links", True)), float(data.get("hop_overhead_ms", 0.0)))
+                    bool(data.get("emulate_links", True)), float(data.get("hop_overhead_ms", 0.0)), extra)
 
 
 def make_plan(topo: Topology, model_config: Any) -> Plan:
@@ -198,3 +213,130 @@ def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: s
                  for i, s in enumerate(svc for svc in services if svc.module == f"blocks:{a}:{b}")]
         stages.append(Stage(f"blocks {a}..{b - 1} ({node})", cands))
     return Pipeline(embed, stages, head, adapter)
+
+
+def link_to(topo: Topology, node: str) -> Any:
+    from edgelam.infer.client import LinkShaper
+
+    if not topo.emulate_links or node == "device":
+        return None
+    ln = topo.links.get(("device", node)) or topo.links.get((node, "device"))
+    return LinkShaper(ln.rtt_s, ln.rate_bps) if ln is not None else None
+
+
+@dataclass
+class Runner:
+    """A launched topology: ``stream(ids, max_new, eos)`` yields tokens; ``report()`` says what happened."""
+
+    stream: Callable[[list[int], int, int | None], Iterator[int]]
+    report: Callable[[], dict[str, Any]]
+    services: list[Service]
+    plan: Plan | None = None
+
+
+@contextlib.contextmanager
+def open_topology(topo: Topology, model_config: Any, adapter: str | None = None) -> Iterator[Runner]:
+    """Start the services the topology's mode needs, build its coordinator, stop everything on exit."""
+    from edgelam.infer.client import HttpTransport, LocalTransport
+    from edgelam.infer.modules import ModuleHost, ModuleSpec
+
+    def remote(svc: Service, name: str) -> HttpTransport:
+        return HttpTransport(svc.url, name, link_to(topo, svc.node), wire_dtype=topo.wire_dtype)
+
+    if topo.mode == "pipeline":
+        pl = make_plan(topo, model_config)
+        with launch(topo, pl) as services:
+            pipe = build_pipeline(topo, pl, services, adapter)
+            last: dict[str, Any] = {}
+
+            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+                from edgelam.infer.pipeline import Generation
+
+                gen = Generation(len(ids))
+                last["gen"] = gen
+                yield from pipe.stream(ids, n, eos, gen)
+
+            def report() -> dict[str, Any]:
+                gen = last.get("gen")
+                return {"stages": [t.stages for t in gen.timings] if gen else [],
+                        "failovers": gen.failovers if gen else []}
+
+            yield Runner(stream, report, services, pl)
+        return
+    services = []
+    try:
+        if topo.mode == "speculative":
+            from edgelam.infer.speculative import AdaptiveGamma, Speculative, SpecStats
+
+            node = topo.extra["target"]["node"]
+            target_svc = [start_service(topo.model, "full", node, topo.wire_dtype) for _ in range(topo.replicas)]
+            services += target_svc
+            wait_ready(services)
+            draft_model = topo.extra.get("draft_model", topo.model)
+            draft = LocalTransport(ModuleHost(str(draft_model), ModuleSpec.parse(str(topo.extra.get("draft", "full")))), "device")
+            gamma = topo.extra.get("gamma", "adaptive")
+            ctrl = AdaptiveGamma(gamma_max=int(topo.extra.get("gamma_max", 8)), fixed=None if gamma == "adaptive" else int(gamma))
+            spec = Speculative(draft, remote(target_svc[0], node), ctrl, adapter)
+            stats: dict[str, SpecStats] = {}
+
+            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+                stats["last"] = SpecStats()
+                yield from spec.stream(ids, n, eos, stats["last"])
+
+            def report() -> dict[str, Any]:
+                st = stats.get("last")
+                return {} if st is None else {"rounds": st.rounds, "drafted": st.drafted, "accepted": st.accepted,
+                                              "acceptance": st.acceptance, "gammas": st.gammas}
+
+            yield Runner(stream, report, services)
+        elif topo.mode == "escalation":
+            from edgelam.infer.speculative import Escalation, EscalationStats
+
+            tiers: list[tuple[str, Any]] = []
+            for t in topo.extra["tiers"]:
+                module = str(t.get("module", "full"))
+                if t["node"] == "device":
+                    tiers.append(("device", LocalTransport(ModuleHost(topo.model, ModuleSpec.parse(module)), "device")))
+                else:
+                    svc = start_service(topo.model, module, t["node"], topo.wire_dtype)
+                    services.append(svc)
+                    tiers.append((t["node"], svc))
+            wait_ready(services)
+            tiers = [(n, remote(x, n) if isinstance(x, Service) else x) for n, x in tiers]
+            esc = Escalation(tiers, [float(t["threshold"]) for t in topo.extra["tiers"][:-1]], adapter)
+            est: dict[str, EscalationStats] = {}
+
+            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+                est["last"] = EscalationStats([name for name, _ in tiers], [0] * len(tiers))
+                yield from esc.stream(ids, n, eos, est["last"])
+
+            def report() -> dict[str, Any]:
+                st = est.get("last")
+                return {} if st is None else {"served": dict(zip(st.tiers, st.served)), "shares": st.shares()}
+
+            yield Runner(stream, report, services)
+        else:  # multi_access
+            from edgelam.infer.multi_access import MultiAccess
+
+            for node in topo.extra["servers"]:
+                services.append(start_service(topo.model, "full", node, topo.wire_dtype))
+            wait_ready(services)
+            ma = MultiAccess([remote(s, s.node) for s in services], seed=int(topo.extra.get("seed", 0)))
+
+            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+                yield from ma.stream(ids, n, eos, adapter)
+
+            def report() -> dict[str, Any]:
+                return {"routes": [services[i].node for i in ma.routes], "failovers": ma.failovers,
+                        "calls": {s.node: ld.requests for s, ld in zip(services, ma.loads)}}
+
+            yield Runner(stream, report, services)
+    finally:
+        for svc in services:
+            if svc.proc.poll() is None:
+                svc.proc.terminate()
+        for svc in services:
+            try:
+                svc.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                svc.kill()
