@@ -339,3 +339,31 @@ def test_multi_access_routes_by_load_and_survives_a_server_leaving(base) -> None
     finally:
         for s in svcs:
             s.kill()
+
+
+def test_adapters_are_chosen_per_request(tmp_path) -> None:
+    """A federated run's PEFT adapter served by a module: per request, base or adapter, as PEFT computes."""
+    from edgelam.config import load_config
+    from edgelam.fl.orchestrator import run
+
+    run(load_config("configs/tiny.yaml", ["fl.rounds=1", "eval.generate=0", "model.lora.dropout=0.0"]), tmp_path / "fed")
+    adapter = tmp_path / "fed" / "adapter"
+    tiny = load_base("tiny", "float32", 0)
+    host = ModuleHost("tiny", ModuleSpec("full"), {"fed": str(adapter)})
+    try:
+        ids = torch.tensor([prompt_ids(tiny.tokenizer, "2+2=")])
+        with_adapter = host.forward({"input_ids": ids}, {"session": "a", "position": 0, "adapter": "fed", "return_logits": True})[0]
+        without = host.forward({"input_ids": ids}, {"session": "b", "position": 0, "return_logits": True})[0]
+        with pytest.raises(ModuleError, match="adapter 'other' is not loaded"):
+            host.forward({"input_ids": ids}, {"session": "c", "position": 0, "adapter": "other"})
+        ref = host.peft  # the PEFT model the host loaded: compare with PEFT's own forward
+        with torch.no_grad():
+            ref.set_adapter("fed")
+            want = ref(input_ids=ids).logits
+            with ref.disable_adapter():
+                want_base = ref(input_ids=ids).logits
+        assert torch.allclose(with_adapter["logits"], want, atol=1e-5)
+        assert torch.allclose(without["logits"], want_base, atol=1e-5)
+        assert not torch.allclose(with_adapter["logits"], without["logits"], atol=1e-4)
+    finally:
+        host.peft.unload()

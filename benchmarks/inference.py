@@ -1,0 +1,188 @@
+"""Collaborative inference on real processes: latency of each topology against the physics.
+
+Measured in one run, side by side, on the bundled SmolLM2-135M-Instruct (greedy, same prompt):
+
+1. per-hop software overhead on loopback: one decode call (1 token, one block) to a module service
+   over HTTP against the same call in process (median of many);
+2. time to first token (TTFT) and per-token latency of: single process; a pipeline over 2 and 3
+   block services; each also behind emulated links (RTT, rate), next to the physical estimate:
+   the single-process compute + per hop (RTT + bytes / rate);
+3. speculative decoding with the draft on the device (the first K blocks + LM head) and the target
+   at the edge behind RTT 0, 5, 20, 50, 100 ms, against upstream-only decoding at the same RTT:
+   acceptance rate, per-token latency, speed-up, and the RTT where drafting stops paying.
+
+Every "node" is a process on this machine (2 CPU cores): compute figures are this CPU's.
+
+    .venv/bin/python benchmarks/inference.py --tokens 24 --out benchmarks/inference.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgelam.infer.client import HttpTransport, LinkShaper, LocalTransport, Stage
+from edgelam.infer.modules import ModuleHost, ModuleSpec
+from edgelam.infer.pipeline import Generation, Pipeline, prompt_ids
+from edgelam.infer.speculative import AdaptiveGamma, Speculative, SpecStats
+from edgelam.infer.topology import start_service, wait_ready
+from edgelam.models.load import load_base
+
+PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def hop_overhead(model: str, repeats: int) -> dict[str, float]:
+    svc = start_service(model, "blocks:0:1", "loopback")
+    try:
+        wait_ready([svc])
+        local = LocalTransport(ModuleHost(model, ModuleSpec("blocks", 0, 1)))
+        remote = HttpTransport(svc.url, "loopback")
+        hidden = torch.randn(1, 1, local.host.hidden_size)
+        times: dict[str, list[float]] = {"local": [], "http": []}
+        for tr_name, tr in (("local", local), ("http", remote)):
+            tr.call({"hidden": torch.randn(1, 8, local.host.hidden_size)}, {"session": tr_name, "position": 0})
+        for i in range(repeats):
+            for tr_name, tr in (("http", remote), ("local", local)):
+                t = time.perf_counter()
+                tr.call({"hidden": hidden}, {"session": tr_name, "position": 8 + i})
+                times[tr_name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return {"local_ms": med["local"] * 1e3, "http_ms": med["http"] * 1e3, "overhead_ms": (med["http"] - med["local"]) * 1e3}
+    finally:
+        svc.kill()
+
+
+def run_pipeline(model: str, ranges: list[tuple[int, int]], urls: dict[tuple[int, int], str] | None, link: LinkShaper | None,
+                 ids: list[int], n: int) -> Generation:
+    local = lambda spec: Stage(str(spec), [LocalTransport(ModuleHost(model, spec))])  # noqa: E731
+    blocks = [Stage(f"{a}:{b}", [HttpTransport(urls[(a, b)], f"{a}:{b}", link)]) if urls else local(ModuleSpec("blocks", a, b))
+              for a, b in ranges]
+    return Pipeline(local(ModuleSpec("embed")), blocks, local(ModuleSpec("head"))).generate(ids, n)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--draft-blocks", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", default="benchmarks/inference.png")
+    args = ap.parse_args()
+    base = load_base(args.model, "float32", 0)
+    L = int(base.model.config.num_hidden_layers)
+    hidden_bytes = int(base.model.config.hidden_size) * 4
+    ids = prompt_ids(base.tokenizer, PROMPT)
+    n = args.tokens
+    res: dict[str, Any] = {"model": args.model, "prompt_tokens": len(ids), "new_tokens": n,
+                           "threads": torch.get_num_threads()}
+
+    res["hop"] = hop_overhead(args.model, args.repeats)
+    print("per-hop software overhead (loopback):", res["hop"])
+
+    layouts = {"single process": [(0, L)], "pipeline 2 nodes": [(0, L // 2), (L // 2, L)],
+               "pipeline 3 nodes": [(0, L // 3), (L // 3, 2 * L // 3), (2 * L // 3, L)]}
+    needed = sorted({r for rs in list(layouts.values())[1:] for r in rs})
+    services = [start_service(args.model, f"blocks:{a}:{b}", f"n{a}") for a, b in needed]
+    rows = []
+    try:
+        wait_ready(services, timeout_s=600)
+        urls = {r: s.url for r, s in zip(needed, services)}
+        single = run_pipeline(args.model, [(0, L)], None, None, ids, n)
+        reference = single.tokens
+        compute_tok, compute_ttft = single.per_token_s, single.ttft_s
+        for label, ranges in layouts.items():
+            for rtt_ms, rate_mbps in ((0, None), (10, 100)):
+                if label == "single process" and rtt_ms:
+                    continue
+                link = LinkShaper(rtt_ms / 1e3, rate_mbps * 1e6) if rtt_ms else None
+                gen = single if label == "single process" else run_pipeline(args.model, ranges, urls, link, ids, n)
+                assert gen.tokens == reference, f"{label}: the answer differs from single-process greedy decoding"
+                hops = 0 if label == "single process" else 2 * len(ranges)  # the device relays: there and back per stage
+                per_hop = (rtt_ms / 2e3 + (8 * hidden_bytes / (rate_mbps * 1e6) if rate_mbps else 0.0))
+                physical_tok = compute_tok + hops * per_hop
+                physical_ttft = compute_ttft + hops * (rtt_ms / 2e3 + (8 * hidden_bytes * len(ids) / (rate_mbps * 1e6)
+                                                                      if rate_mbps else 0.0))
+                rows.append({"topology": label, "link": f"RTT {rtt_ms} ms, {rate_mbps} Mbit/s" if rtt_ms else "loopback",
+                             "ttft_ms": gen.ttft_s * 1e3, "per_token_ms": gen.per_token_s * 1e3,
+                             "physical_per_token_ms": physical_tok * 1e3, "physical_ttft_ms": physical_ttft * 1e3})
+                print(rows[-1])
+    finally:
+        for s in services:
+            s.kill()
+    res["pipeline"] = rows
+
+    # speculative decoding: device draft (first K blocks + head) in process, target behind the link
+    target = start_service(args.model, "full", "edge")
+    spec_rows = []
+    try:
+        wait_ready([target], timeout_s=600)
+        draft = LocalTransport(ModuleHost(args.model, ModuleSpec("full", 0, args.draft_blocks)))
+        for rtt_ms in (0, 5, 20, 50, 100):
+            link = LinkShaper(rtt_ms / 1e3, 100e6) if rtt_ms else None
+            up = HttpTransport(target.url, "edge", link)
+            plain = Speculative(draft, up, AdaptiveGamma(fixed=0)).generate(ids, n)
+            spec: SpecStats = Speculative(draft, up, AdaptiveGamma(gamma_max=8)).generate(ids, n)
+            assert spec.tokens == plain.tokens == reference, "speculative decoding changed the answer"
+
+            def per_token(st: SpecStats) -> float:
+                return (st.token_times[-1] - st.token_times[0]) / (len(st.token_times) - 1)
+
+            spec_rows.append({"rtt_ms": rtt_ms, "upstream_only_per_token_ms": per_token(plain) * 1e3,
+                              "speculative_per_token_ms": per_token(spec) * 1e3, "speedup": per_token(plain) / per_token(spec),
+                              "acceptance": spec.acceptance, "mean_gamma": sum(spec.gammas) / len(spec.gammas),
+                              "ttft_ms": spec.token_times[0] * 1e3})
+            print(spec_rows[-1])
+    finally:
+        target.kill()
+    res["speculative"] = spec_rows
+    crossing = None
+    for a, b in zip(spec_rows, spec_rows[1:]):
+        if (a["speedup"] - 1) * (b["speedup"] - 1) <= 0 and a["speedup"] != b["speedup"]:
+            crossing = a["rtt_ms"] + (1 - a["speedup"]) * (b["rtt_ms"] - a["rtt_ms"]) / (b["speedup"] - a["speedup"])
+            break
+    res["speculative_breakeven_rtt_ms"] = crossing
+    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
+    plot(res, Path(args.out))
+    print(json.dumps(res, indent=1))
+
+
+def plot(res: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['topology']}\n{r['link']}" for r in res["pipeline"]]
+    x = range(len(labels))
+    a.bar([i - 0.2 for i in x], [r["per_token_ms"] for r in res["pipeline"]], 0.4, label="measured")
+    a.bar([i + 0.2 for i in x], [r["physical_per_token_ms"] for r in res["pipeline"]], 0.4, label="compute + transfer")
+    a.set_xticks(list(x), labels, fontsize=7)
+    a.set_ylabel("per-token latency (ms)")
+    a.set_title(f"{res['model']}: pipelines (hop overhead {res['hop']['overhead_ms']:.2f} ms)")
+    a.legend()
+    rtts = [r["rtt_ms"] for r in res["speculative"]]
+    b.plot(rtts, [r["upstream_only_per_token_ms"] for r in res["speculative"]], marker="o", label="upstream only")
+    b.plot(rtts, [r["speculative_per_token_ms"] for r in res["speculative"]], marker="s", label="speculative (device draft)")
+    b.set_xlabel("device-edge RTT (ms)")
+    b.set_ylabel("per-token latency (ms)")
+    b.set_title("speculative decoding against RTT")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
