@@ -367,3 +367,30 @@ def test_adapters_are_chosen_per_request(tmp_path) -> None:
         assert not torch.allclose(with_adapter["logits"], without["logits"], atol=1e-4)
     finally:
         host.peft.unload()
+
+
+def test_pipeline_spread_over_servers_survives_one_leaving(base, tmp_path) -> None:
+    """Multi-access, spread: one request's pipeline over two edge servers, each range with a spare on
+    the other server; the whole of edge1 leaves mid-generation."""
+    from edgelam.infer.topology import load_topology, open_topology
+
+    path = tmp_path / "spread.yaml"
+    path.write_text("model: tiny-varied\nmode: pipeline\nemulate_links: false\nreplicas: 2\n"
+                    "nodes: [{name: edge1, flops_per_s: 1.0e11}, {name: edge2, flops_per_s: 1.0e11}]\n"
+                    "placement: {edge1: [0, 2], edge2: [2, 4]}\n")
+    topo = load_topology(path)
+    ids = prompt_ids(base.tokenizer, "Hi there")
+    with open_topology(topo, base.model.config) as runner:
+        assert sorted((s.module, s.node) for s in runner.services) == [
+            ("blocks:0:2", "edge1"), ("blocks:0:2", "edge2"), ("blocks:2:4", "edge1"), ("blocks:2:4", "edge2")]
+        got = []
+        for i, tok in enumerate(runner.stream(ids, 10, None)):
+            got.append(tok)
+            if i == 3:
+                for s in runner.services:
+                    if s.node == "edge1":
+                        s.kill()
+        report = runner.report()
+    assert got == reference(base, ids, 10)
+    # blocks 0..1 ran on edge1 and moved to its spare on edge2; blocks 2..3 ran on edge2 all along
+    assert [(f["stage"], f["from"], f["to"]) for f in report["failovers"]] == [("blocks 0..1 (edge1)", "edge1#0", "edge2#1")]

@@ -13,7 +13,7 @@
       - {a: device, b: edge1, rtt_ms: 10, rate_mbps: 50}
       - {a: device, b: edge2, rtt_ms: 10, rate_mbps: 50}
     placement: auto              # or {edge1: [0, 2], edge2: [2, 4]}
-    replicas: 1                  # services per block range (more: failover targets)
+    replicas: 1                  # services per block range; replica i on the i-th next node (failover targets)
 
 ``launch`` starts one ``edgelam serve`` process per block range and replica on a free loopback
 port, waits until each answers /ready, and stops them all on exit.
@@ -176,10 +176,13 @@ def wait_ready(services: list[Service], timeout_s: float = 120.0) -> None:
 def launch(topo: Topology, pl: Plan) -> Iterator[list[Service]]:
     """Start every block service of the plan (``replicas`` per range), yield them, stop them."""
     services: list[Service] = []
+    names = [n.name for n in topo.nodes]
     try:
         for node, a, b in pl.ranges:
-            for _ in range(topo.replicas):
-                services.append(start_service(topo.model, f"blocks:{a}:{b}", node, topo.wire_dtype))
+            for i in range(topo.replicas):
+                # replica i of a range sits on the i-th next node: a spare survives its primary's node leaving
+                host = names[(names.index(node) + i) % len(names)]
+                services.append(start_service(topo.model, f"blocks:{a}:{b}", host, topo.wire_dtype))
         wait_ready(services)
         yield services
     finally:
@@ -196,7 +199,7 @@ def launch(topo: Topology, pl: Plan) -> Iterator[list[Service]]:
 def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: str | None = None) -> Any:
     """The device's coordinator: embed and head in process, one stage per block range whose
     candidates are that range's services (the first is used, the others are failover targets)."""
-    from edgelam.infer.client import HttpTransport, LinkShaper, LocalTransport, Stage
+    from edgelam.infer.client import HttpTransport, LocalTransport, Stage
     from edgelam.infer.modules import ModuleHost, ModuleSpec
     from edgelam.infer.pipeline import Pipeline
 
@@ -204,12 +207,7 @@ def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: s
     head = Stage("head (device)", [LocalTransport(ModuleHost(topo.model, ModuleSpec("head")), "device")])
     stages = []
     for node, a, b in pl.ranges:
-        link = None
-        if topo.emulate_links:
-            ln = topo.links.get(("device", node)) or topo.links.get((node, "device"))
-            if ln is not None:
-                link = LinkShaper(ln.rtt_s, ln.rate_bps)
-        cands = [HttpTransport(s.url, f"{node}#{i}", link, wire_dtype=topo.wire_dtype)
+        cands = [HttpTransport(s.url, f"{s.node}#{i}", link_to(topo, s.node), wire_dtype=topo.wire_dtype)
                  for i, s in enumerate(svc for svc in services if svc.module == f"blocks:{a}:{b}")]
         stages.append(Stage(f"blocks {a}..{b - 1} ({node})", cands))
     return Pipeline(embed, stages, head, adapter)
