@@ -394,3 +394,22 @@ def test_pipeline_spread_over_servers_survives_one_leaving(base, tmp_path) -> No
     assert got == reference(base, ids, 10)
     # blocks 0..1 ran on edge1 and moved to its spare on edge2; blocks 2..3 ran on edge2 all along
     assert [(f["stage"], f["from"], f["to"]) for f in report["failovers"]] == [("blocks 0..1 (edge1)", "edge1#0", "edge2#1")]
+
+
+def test_gateway_reports_a_topology_that_cannot_answer(base) -> None:
+    from fastapi.testclient import TestClient
+
+    from edgelam.infer.client import StageDown
+    from edgelam.infer.gateway import create_gateway
+
+    def dead(ids, n, eos):
+        raise StageDown("no service left for blocks 0..1")
+        yield 0
+
+    client = TestClient(create_gateway(dead, base.tokenizer, MODEL))
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and "no service left for blocks 0..1" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]

@@ -10,6 +10,7 @@ greedy; a request asking for sampling (temperature > 0, top_p < 1, n > 1) is ref
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from edgelam.infer.client import StageDown
 
 # a backend turns (prompt token ids, max new tokens, eos id) into a stream of token ids
 Backend = Callable[[list[int], int, int | None], Iterator[int]]
@@ -116,9 +119,21 @@ def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_
                 "choices": [choice(text, finish, False)],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
 
+    async def answer(kind: str, body: dict[str, Any], ids: list[int]) -> Any:
+        # generation blocks on the topology's services: off the event loop, so /health stays live
+        # (a streamed answer is iterated in Starlette's thread pool for the same reason)
+        if body.get("stream"):
+            return respond(kind, body, ids)
+        return await asyncio.to_thread(respond, kind, body, ids)
+
     @app.exception_handler(BadRequest)
     async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
         return bad(str(exc))
+
+    @app.exception_handler(StageDown)
+    async def _down(_: Request, exc: StageDown) -> JSONResponse:
+        return JSONResponse({"error": {"message": f"the topology cannot answer: {exc}", "type": "service_unavailable"}},
+                            status_code=503)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -138,7 +153,7 @@ def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_
         text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
                                              add_generation_prompt=True, tokenize=False)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return respond("chat", body, ids)
+        return await answer("chat", body, ids)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -146,6 +161,6 @@ def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("prompt must be a non-empty string")
-        return respond("completion", body, list(tokenizer(prompt)["input_ids"]))
+        return await answer("completion", body, list(tokenizer(prompt)["input_ids"]))
 
     return app
