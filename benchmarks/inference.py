@@ -74,7 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--draft-blocks", type=int, default=20)
+    ap.add_argument("--draft-blocks", default="20,28,30",
+                    help="comma-separated K of the device draft full:K (K = all blocks: the target itself, an oracle draft)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--out", default="benchmarks/inference.png")
     args = ap.parse_args()
@@ -126,31 +127,36 @@ def main() -> None:
     spec_rows = []
     try:
         wait_ready([target], timeout_s=600)
-        draft = LocalTransport(ModuleHost(args.model, ModuleSpec("full", 0, args.draft_blocks)))
-        for rtt_ms in (0, 5, 20, 50, 100):
-            link = LinkShaper(rtt_ms / 1e3, 100e6) if rtt_ms else None
-            up = HttpTransport(target.url, "edge", link)
-            plain = Speculative(draft, up, AdaptiveGamma(fixed=0)).generate(ids, n)
-            spec: SpecStats = Speculative(draft, up, AdaptiveGamma(gamma_max=8)).generate(ids, n)
-            assert spec.tokens == plain.tokens == reference, "speculative decoding changed the answer"
+        for k in [int(x) for x in args.draft_blocks.split(",")]:
+            draft = LocalTransport(ModuleHost(args.model, ModuleSpec("full", 0, min(k, L))))
+            for rtt_ms in (0, 5, 20, 50, 100):
+                link = LinkShaper(rtt_ms / 1e3, 100e6) if rtt_ms else None
+                up = HttpTransport(target.url, "edge", link)
+                plain = Speculative(draft, up, AdaptiveGamma(fixed=0)).generate(ids, n)
+                spec: SpecStats = Speculative(draft, up, AdaptiveGamma(gamma_max=8)).generate(ids, n)
+                assert spec.tokens == plain.tokens == reference, "speculative decoding changed the answer"
 
-            def per_token(st: SpecStats) -> float:
-                return (st.token_times[-1] - st.token_times[0]) / (len(st.token_times) - 1)
+                def per_token(st: SpecStats) -> float:
+                    return (st.token_times[-1] - st.token_times[0]) / (len(st.token_times) - 1)
 
-            spec_rows.append({"rtt_ms": rtt_ms, "upstream_only_per_token_ms": per_token(plain) * 1e3,
-                              "speculative_per_token_ms": per_token(spec) * 1e3, "speedup": per_token(plain) / per_token(spec),
-                              "acceptance": spec.acceptance, "mean_gamma": sum(spec.gammas) / len(spec.gammas),
-                              "ttft_ms": spec.token_times[0] * 1e3})
-            print(spec_rows[-1])
+                spec_rows.append({"draft_blocks": k, "rtt_ms": rtt_ms, "upstream_only_per_token_ms": per_token(plain) * 1e3,
+                                  "speculative_per_token_ms": per_token(spec) * 1e3,
+                                  "speedup": per_token(plain) / per_token(spec), "acceptance": spec.acceptance,
+                                  "mean_gamma": sum(spec.gammas) / len(spec.gammas), "ttft_ms": spec.token_times[0] * 1e3})
+                print(spec_rows[-1])
     finally:
         target.kill()
     res["speculative"] = spec_rows
-    crossing = None
-    for a, b in zip(spec_rows, spec_rows[1:]):
-        if (a["speedup"] - 1) * (b["speedup"] - 1) <= 0 and a["speedup"] != b["speedup"]:
-            crossing = a["rtt_ms"] + (1 - a["speedup"]) * (b["rtt_ms"] - a["rtt_ms"]) / (b["speedup"] - a["speedup"])
-            break
-    res["speculative_breakeven_rtt_ms"] = crossing
+    res["speculative_breakeven_rtt_ms"] = {}
+    for k in sorted({r["draft_blocks"] for r in spec_rows}):
+        rows_k = [r for r in spec_rows if r["draft_blocks"] == k]
+        crossing = None
+        for a, b in zip(rows_k, rows_k[1:]):
+            if a["speedup"] < 1 <= b["speedup"]:
+                crossing = a["rtt_ms"] + (1 - a["speedup"]) * (b["rtt_ms"] - a["rtt_ms"]) / (b["speedup"] - a["speedup"])
+                break
+        res["speculative_breakeven_rtt_ms"][k] = crossing if crossing is not None else (
+            "pays at every RTT measured" if all(r["speedup"] >= 1 for r in rows_k) else "does not pay up to 100 ms")
     Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
     plot(res, Path(args.out))
     print(json.dumps(res, indent=1))
@@ -171,9 +177,15 @@ def plot(res: dict[str, Any], out: Path) -> None:
     a.set_ylabel("per-token latency (ms)")
     a.set_title(f"{res['model']}: pipelines (hop overhead {res['hop']['overhead_ms']:.2f} ms)")
     a.legend()
-    rtts = [r["rtt_ms"] for r in res["speculative"]]
-    b.plot(rtts, [r["upstream_only_per_token_ms"] for r in res["speculative"]], marker="o", label="upstream only")
-    b.plot(rtts, [r["speculative_per_token_ms"] for r in res["speculative"]], marker="s", label="speculative (device draft)")
+    ks = sorted({r["draft_blocks"] for r in res["speculative"]})
+    first = [r for r in res["speculative"] if r["draft_blocks"] == ks[0]]
+    b.plot([r["rtt_ms"] for r in first], [r["upstream_only_per_token_ms"] for r in first], marker="o", color="k",
+           label="upstream only")
+    for k in ks:
+        rows = [r for r in res["speculative"] if r["draft_blocks"] == k]
+        acc = sum(r["acceptance"] for r in rows if r["acceptance"] == r["acceptance"]) / len(rows)
+        b.plot([r["rtt_ms"] for r in rows], [r["speculative_per_token_ms"] for r in rows], marker="s",
+               label=f"speculative, draft = first {k} blocks (acceptance {acc:.2f})")
     b.set_xlabel("device-edge RTT (ms)")
     b.set_ylabel("per-token latency (ms)")
     b.set_title("speculative decoding against RTT")
