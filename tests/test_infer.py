@@ -413,3 +413,32 @@ def test_gateway_reports_a_topology_that_cannot_answer(base) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+
+
+def test_link_rate_from_the_radio_model() -> None:
+    from edgelam.infer.topology import parse_link, radio_rate_bps
+
+    # 300 m: 128.1 + 37.6 log10(0.3) = 108.44 dB; noise -174 + 7 + 10 log10(5e6) = -100.01 dBm;
+    # SNR = 23 - 108.44 + 100.01 = 14.57 dB = 28.6; rate = 5e6 log2(29.6) = 24.4 Mbit/s
+    assert radio_rate_bps(300.0, 5e6) == pytest.approx(24.45e6, rel=2e-3)
+    assert parse_link({"rtt_ms": 20, "distance_m": 300, "bandwidth_mhz": 5}).rate_bps == pytest.approx(radio_rate_bps(300, 5e6))
+    assert parse_link({"rtt_ms": 20, "rate_mbps": 7}).rate_bps == 7e6
+
+
+def test_idle_sessions_expire_in_a_running_service() -> None:
+    import time
+
+    svc = start_service(MODEL, "blocks:0:1", "edge", extra=["--session-ttl", "1"])
+    try:
+        wait_ready([svc])
+        body = pack({"hidden": torch.randn(1, 3, 64)}, {"session": "idle", "position": 0})
+        assert httpx.post(f"{svc.url}/v1/forward", content=body, headers={"content-type": CONTENT_TYPE}).status_code == 200
+        assert httpx.get(f"{svc.url}/info").json()["sessions"] == 1
+        time.sleep(2.5)
+        assert httpx.get(f"{svc.url}/info").json()["sessions"] == 0
+        assert "edgelam_sessions_expired_total{module=\"blocks:0:1\"} 1" in httpx.get(f"{svc.url}/metrics").text
+        body = pack({"hidden": torch.randn(1, 1, 64)}, {"session": "idle", "position": 3})
+        r = httpx.post(f"{svc.url}/v1/forward", content=body, headers={"content-type": CONTENT_TYPE})
+        assert r.status_code == 409 and "replay it from position 0" in r.json()["error"]
+    finally:
+        svc.kill()

@@ -27,12 +27,14 @@ from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
-def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float = 5.0) -> FastAPI:
+def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None) -> FastAPI:
+    sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def sweeper() -> None:
             while True:
-                await asyncio.sleep(sweep_every_s)
+                await asyncio.sleep(sweep)
                 host.expire()
 
         task = asyncio.create_task(sweeper())

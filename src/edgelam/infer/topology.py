@@ -9,9 +9,9 @@
     nodes:                       # edge nodes; the device (coordinator) runs embed and head itself
       - {name: edge1, memory_gb: 1.0, flops_per_s: 1.0e11}
       - {name: edge2, memory_gb: 1.0, flops_per_s: 1.0e11}
-    links:
+    links:                       # rate_mbps, or distance_m (+ bandwidth_mhz, tx_power_dbm): the radio model's rate
       - {a: device, b: edge1, rtt_ms: 10, rate_mbps: 50}
-      - {a: device, b: edge2, rtt_ms: 10, rate_mbps: 50}
+      - {a: device, b: edge2, rtt_ms: 10, distance_m: 250, bandwidth_mhz: 10}
     placement: auto              # or {edge1: [0, 2], edge2: [2, 4]}
     replicas: 1                  # services per block range; replica i on the i-th next node (failover targets)
 
@@ -77,11 +77,10 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
         raise ConfigError(f"unknown key '{unknown[0]}' in topology {p} (mode {mode}); allowed: {sorted(ALLOWED | MODE_KEYS[mode])}")
     try:
         nodes = [Node(str(n["name"]), float(n.get("memory_gb", 1e9)) * 1e9, float(n["flops_per_s"])) for n in data["nodes"]]
-        links = {(str(ln["a"]), str(ln["b"])): Link(float(ln["rtt_ms"]) / 1e3, float(ln["rate_mbps"]) * 1e6)
-                 for ln in data.get("links", [])}
+        links = {(str(ln["a"]), str(ln["b"])): parse_link(ln) for ln in data.get("links", [])}
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"topology {p}: nodes need name and flops_per_s (memory_gb optional), links a, b, rtt_ms, "
-                          f"rate_mbps ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"topology {p}: nodes need name and flops_per_s (memory_gb optional), links a, b, rtt_ms and "
+                          f"rate_mbps or distance_m ({type(exc).__name__}: {exc})") from None
     if not nodes:
         raise ConfigError(f"topology {p}: list at least one node")
     raw = data.get("placement", "auto")
@@ -110,6 +109,26 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
     return Topology(str(data.get("name", p.stem)), str(data.get("model", "tiny-varied")), mode, nodes, links,
                     placement, replicas, int(data.get("max_new_tokens", 16)), str(data.get("wire_dtype", "float32")),
                     bool(data.get("emulate_links", True)), float(data.get("hop_overhead_ms", 0.0)), extra)
+
+
+def radio_rate_bps(distance_m: float, bandwidth_hz: float = 10e6, tx_power_dbm: float = 23.0,
+                   noise_figure_db: float = 7.0) -> float:
+    """The uplink rate of the net/ link model at ``distance_m`` without fading: macro path loss
+    128.1 + 37.6 log10(d/km), -174 dBm/Hz noise + noise figure, Shannon rate B log2(1 + SNR)."""
+    from edgelam.net import channel
+
+    gain = channel.db_to_linear(-channel.path_loss_macro_db(max(distance_m, 1.0)))
+    snr = channel.snr_linear(channel.dbm_to_w(tx_power_dbm), gain, channel.noise_power_w(bandwidth_hz, -174.0, noise_figure_db))
+    return channel.shannon_rate_bps(bandwidth_hz, snr)
+
+
+def parse_link(ln: dict[str, Any]) -> Link:
+    """``rate_mbps`` as given, or from the radio model: ``distance_m`` (+ ``bandwidth_mhz``, ``tx_power_dbm``)."""
+    rtt = float(ln["rtt_ms"]) / 1e3
+    if "rate_mbps" in ln:
+        return Link(rtt, float(ln["rate_mbps"]) * 1e6)
+    return Link(rtt, radio_rate_bps(float(ln["distance_m"]), float(ln.get("bandwidth_mhz", 10.0)) * 1e6,
+                                    float(ln.get("tx_power_dbm", 23.0))))
 
 
 def make_plan(topo: Topology, model_config: Any) -> Plan:
