@@ -216,3 +216,27 @@ def test_rounds_without_a_feasible_device_are_reported(tmp_path) -> None:
         assert r["schedule"]["infeasible"] == list(range(6)) and r["train_loss"] is None
     assert rows[-1]["eval_loss"] == pytest.approx(rows[0]["eval_loss"])
     assert math.isfinite(rows[-1]["sim_time_s"])
+
+
+def test_classification_data_sst2_and_agnews(tmp_path) -> None:
+    from edgelam.config import DataConfig
+    from edgelam.data.classification import SOURCES, build_classification, read_tsv
+    from edgelam.data.sources import DataError
+    from edgelam.models.load import byte_tokenizer
+
+    tok = byte_tokenizer()
+    ag = build_classification(DataConfig(source="agnews", num_clients=4, max_examples_per_client=10, partition="iid",
+                                         max_length=32), tok, seed=0, eval_max=20)
+    assert ag.classes == ("World", "Sports", "Business", "Sci/Tech") and len(ag.test) == 20
+    assert [len(c) for c in ag.clients] == [10, 10, 10, 10]
+    assert all(0 <= e.label < 4 and 0 < len(e.input_ids) <= 32 for c in ag.clients for e in c)
+    assert len({e.label for c in ag.clients for e in c}) > 1
+    sst = build_classification(DataConfig(source="sst2", num_clients=3, max_examples_per_client=8, partition="dirichlet",
+                                          dirichlet_alpha=0.1), tok, seed=0, eval_max=None)
+    assert len(sst.test) == 872 and sum(len(c) for c in sst.clients) == 24  # the labelled GLUE dev set
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\na fine line\t1\nno label here\n")
+    with pytest.raises(DataError, match=r"bad.tsv:3: expected 'text<TAB>label'"):
+        read_tsv(bad, SOURCES["sst2"])
+    with pytest.raises(DataError, match="lower data.max_examples_per_client"):
+        build_classification(DataConfig(source="agnews", num_clients=2, max_examples_per_client=10**6), tok, 0, None)
