@@ -44,8 +44,9 @@ def local_pipeline(ranges: list[tuple[int, int]]) -> Pipeline:
 
 def test_module_spec_parsing() -> None:
     assert ModuleSpec.parse("blocks:0:2") == ModuleSpec("blocks", 0, 2) and str(ModuleSpec.parse("head")) == "head"
-    for bad in ("blocks:2:2", "blocks:a:3", "tail", "embed:1"):
-        with pytest.raises(ValueError, match="embed, head or blocks:A:B"):
+    assert ModuleSpec.parse("full:3") == ModuleSpec("full", 0, 3) and str(ModuleSpec.parse("full")) == "full"
+    for bad in ("blocks:2:2", "blocks:a:3", "tail", "embed:1", "full:0"):
+        with pytest.raises(ValueError, match="must be embed, head, full, full:K or blocks:A:B"):
             ModuleSpec.parse(bad)
 
 
