@@ -120,6 +120,13 @@ def test_service_endpoints_and_bad_requests(services) -> None:
     assert r.status_code == 400 and "(batch, tokens, 64)" in r.json()["error"]
     body = pack({"hidden": torch.randn(1, 2, 64)}, {"session": "x", "position": 0})
     assert httpx.post(f"{url}/v1/forward", content=body, headers={"content-type": CONTENT_TYPE}).status_code == 200
+    # float16 on the wire: half the request bytes, the same answer to fp16 precision
+    h = torch.randn(1, 4, 64)
+    full = HttpTransport(url, wire_dtype="float32").call({"hidden": h}, {"session": "w32", "position": 0})[0]["hidden"]
+    half_t = HttpTransport(url, wire_dtype="float16")
+    half = half_t.call({"hidden": h}, {"session": "w16", "position": 0})[0]["hidden"]
+    assert torch.allclose(full, half, atol=5e-2) and not torch.equal(full, half)
+    assert half_t.stats.bytes_up < len(pack({"hidden": h}, {"session": "w16", "position": 0}))
     metrics = httpx.get(f"{url}/metrics").text
     assert 'edgelam_requests_total{module="blocks:2:4"}' in metrics and "edgelam_sessions_open" in metrics
     assert httpx.delete(f"{url}/v1/sessions/x").json() == {"closed": True}
