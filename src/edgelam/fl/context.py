@@ -154,7 +154,7 @@ class BaseWeights:
 
     def __init__(self, model: Any) -> None:
         self.layers = {name: mod.base_layer for name, mod in model.named_modules() if hasattr(mod, "base_layer")}
-        self.original = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self.original: State = {}  # a layer's weights are copied the first time a delta touches it
         self.applied: State = {}
 
     def apply(self, delta: State) -> None:
@@ -163,6 +163,9 @@ class BaseWeights:
         unknown = sorted(set(delta) - set(self.layers))[:3]
         assert not unknown, f"base delta names modules the model does not adapt: {unknown}"
         with torch.no_grad():
+            for name in delta:
+                if name not in self.original:
+                    self.original[name] = self.layers[name].weight.detach().clone()
             for name in set(self.applied) | set(delta):
                 w = self.original[name]
                 self.layers[name].weight.copy_(w + delta[name].to(w.dtype) if name in delta else w)
