@@ -236,12 +236,17 @@ class Trained:
     bytes: dict[str, int]
 
 
+def sides(state: Params) -> tuple[Params, Params]:
+    """(device-side, server-side) tensors of a run state, their names without the prefix."""
+    dev = {k[len("device."):]: v for k, v in state.items() if k.startswith("device.")}
+    return dev, {k[len("server."):]: v for k, v in state.items() if k.startswith("server.")}
+
+
 def train_round(ctx: SplitContext, r: int, st: RunState, plans: dict[int, DevicePlan], order: list[tuple[int, int]],
                 shared_server: bool) -> Trained:
     """Real training of the scheduled devices' steps in the server's order."""
     cfg, sm = ctx.cfg, ctx.sm
-    dev_state = {k[len("device."):]: v for k, v in st.state.items() if k.startswith("device.")}
-    srv_state = {k[len("server."):]: v for k, v in st.state.items() if k.startswith("server.")}
+    dev_state, srv_state = sides(st.state)
     devices = {k: Side({s: leaves(dev_state, s) for s in ("front", "back")}, cfg, len(p.steps)) for k, p in plans.items()}
     if shared_server:
         one = Side({"middle": leaves(srv_state, "middle")}, cfg, sum(len(p.steps) for p in plans.values()))
@@ -281,9 +286,7 @@ def train_round(ctx: SplitContext, r: int, st: RunState, plans: dict[int, Device
 
 
 def _eval(ctx: SplitContext, st: RunState) -> dict[str, Any]:
-    dev = {k[len("device."):]: v for k, v in st.state.items() if k.startswith("device.")}
-    srv = {k[len("server."):]: v for k, v in st.state.items() if k.startswith("server.")}
-    res = evaluate(ctx.sm, dev, srv, ctx.eval_batches)
+    res = evaluate(ctx.sm, *sides(st.state), ctx.eval_batches)
     out: dict[str, Any] = {"eval_loss": res["loss"], "eval_ppl": math.exp(min(res["loss"], 50.0)), "eval_tasks": None}
     if "accuracy" in res:
         out["eval_accuracy"] = res["accuracy"]
@@ -370,8 +373,7 @@ def run_round(ctx: SplitContext, st: RunState, r: int, wall: Callable[[], float]
 def _save_adapter(ctx: SplitContext, st: RunState, path: Path) -> None:
     """The LoRA tensors of both sides in PEFT format; the classifier beside them (classifier.safetensors)."""
     sm = ctx.sm
-    dev = {k[len("device."):]: v for k, v in st.state.items() if k.startswith("device.")}
-    srv = {k[len("server."):]: v for k, v in st.state.items() if k.startswith("server.")}
+    dev, srv = sides(st.state)
     sm.load_into_model(dev)
     sm.load_into_model(srv)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")

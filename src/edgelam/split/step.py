@@ -126,10 +126,6 @@ def leaves(state: Params, prefix: str) -> Params:
             if k.startswith(prefix + ".")}
 
 
-def flatten(parts: dict[str, Params]) -> Params:
-    return {f"{seg}.{n}": t.detach().clone() for seg, ps in parts.items() for n, t in ps.items()}
-
-
 @torch.no_grad()
 def evaluate(sm: SplitModel, device_state: Params, server_state: Params, batches: list[dict[str, Tensor]]) -> dict[str, float]:
     """Loss (mean per example or per target token) and accuracy of the composed model."""
