@@ -109,8 +109,9 @@ class HttpTransport:
         return unpack(resp.content)
 
     def close_session(self, session: str) -> None:
+        """Free the session's cache; a courtesy that never raises (idle sessions expire anyway)."""
         try:
-            self.client.delete(f"{self.url}/v1/sessions/{session}")
+            self.client.delete(f"{self.url}/v1/sessions/{session}", timeout=2.0)
         except httpx.TransportError:
             pass
 

@@ -95,7 +95,4 @@ class MultiAccess:
                     return
         finally:
             self.failovers.extend(stage.failovers)
-            try:
-                stage.transport.close_session(session)
-            except Exception:
-                pass
+            stage.transport.close_session(session)

@@ -145,10 +145,7 @@ class Speculative:
                         return
         finally:
             for tr, sid in ((self.draft, sd), (self.target, stg)):
-                try:
-                    tr.close_session(sid)
-                except Exception:  # a courtesy; idle sessions expire anyway
-                    pass
+                tr.close_session(sid)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> SpecStats:
         st = SpecStats()
@@ -202,10 +199,7 @@ class Escalation:
                     return
         finally:
             for (_, tr), sid in zip(self.tiers, sids):
-                try:
-                    tr.close_session(sid)
-                except Exception:
-                    pass
+                tr.close_session(sid)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> EscalationStats:
         st = EscalationStats([n for n, _ in self.tiers], [0] * len(self.tiers))

@@ -205,14 +205,19 @@ def launch(topo: Topology, pl: Plan) -> Iterator[list[Service]]:
         wait_ready(services)
         yield services
     finally:
-        for svc in services:
-            if svc.proc.poll() is None:
-                svc.proc.terminate()
-        for svc in services:
-            try:
-                svc.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                svc.kill()
+        stop_services(services)
+
+
+def stop_services(services: list[Service]) -> None:
+    """SIGTERM every service, then SIGKILL any still running after 10 s."""
+    for svc in services:
+        if svc.proc.poll() is None:
+            svc.proc.terminate()
+    for svc in services:
+        try:
+            svc.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            svc.kill()
 
 
 def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: str | None = None) -> Any:
@@ -349,11 +354,4 @@ def open_topology(topo: Topology, model_config: Any, adapter: str | None = None)
 
             yield Runner(stream, report, services)
     finally:
-        for svc in services:
-            if svc.proc.poll() is None:
-                svc.proc.terminate()
-        for svc in services:
-            try:
-                svc.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                svc.kill()
+        stop_services(services)
