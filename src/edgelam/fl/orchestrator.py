@@ -69,7 +69,7 @@ def _save_adapter_atomic(ctx: Context, state: State, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _trim_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
+def trim_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
     """Keep the metrics of completed (checkpointed) rounds only; rewrite the file atomically."""
     rows = [r for r in read_jsonl(path) if r["round"] <= last_round]
     atomic_write_text(path, "".join(to_json_line(r) + "\n" for r in rows))
@@ -130,7 +130,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False,
             st = load_checkpoint(ckpt)
         else:
             st = RunState(0, 0.0, ctx.strategy.init_state(get_adapter_state(ctx.model), population(ctx)))
-        rows = _trim_metrics(out / "metrics.jsonl", st.round)
+        rows = trim_metrics(out / "metrics.jsonl", st.round)
         wall_before = rows[-1]["wall_s"] if rows else 0.0
         if not rows:  # round 0: the untrained adapter, so every curve starts from the base model
             rows.append(baseline_row(ctx, st))

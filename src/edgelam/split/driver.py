@@ -391,7 +391,7 @@ def _save_adapter(ctx: SplitContext, st: RunState, path: Path) -> None:
 
 def run_split(cfg: RunConfig, out: Path, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None,
               on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    from edgelam.fl.orchestrator import _trim_metrics
+    from edgelam.fl.orchestrator import trim_metrics
     from edgelam.report import plot_runs
 
     t0 = time.perf_counter()
@@ -402,7 +402,7 @@ def run_split(cfg: RunConfig, out: Path, resume: bool = False, on_round: Callabl
     try:
         ckpt = out / CHECKPOINT
         st = load_checkpoint(ckpt) if resume and ckpt.exists() else _initial_state(ctx)
-        rows = _trim_metrics(out / "metrics.jsonl", st.round)
+        rows = trim_metrics(out / "metrics.jsonl", st.round)
         wall_before = rows[-1]["wall_s"] if rows else 0.0
 
         def wall() -> float:
