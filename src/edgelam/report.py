@@ -30,6 +30,17 @@ def load_run(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
     return label, rows
 
 
+def _save(fig: Any, out_file: Path) -> Path:
+    """Write the figure atomically (temporary file + rename) and close it."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.stem}.tmp{out_file.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_file)
+    return out_file
+
+
 def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
     """Eval loss and perplexity (accuracy for classifiers) against round and simulated time; one line per run."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -56,23 +67,7 @@ def plot_runs(run_dirs: Sequence[Path], out_file: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.stem}.tmp{out_file.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_file)
-    return out_file
-
-
-def _save(fig: Any, out_file: Path) -> Path:
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.stem}.tmp{out_file.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_file)
-    return out_file
+    return _save(fig, out_file)
 
 
 def plot_split(run_dirs: Sequence[Path], out_file: Path) -> Path:

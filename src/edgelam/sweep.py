@@ -53,12 +53,15 @@ def load_sweep(path: Path) -> Sweep:
     return sweep
 
 
+def first_at_loss(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first metrics row whose evaluation loss is at or below ``target``."""
+    return next((r for r in rows if r.get("eval_loss") is not None and r["eval_loss"] <= target + 1e-12), None)
+
+
 def time_to_loss(rows: list[dict[str, Any]], target: float) -> float | None:
     """The first simulated time at which the evaluation loss is at or below ``target``."""
-    for r in rows:
-        if r.get("eval_loss") is not None and r["eval_loss"] <= target + 1e-12:
-            return float(r["sim_time_s"])
-    return None
+    r = first_at_loss(rows, target)
+    return float(r["sim_time_s"]) if r else None
 
 
 def _cpu() -> str:
@@ -73,10 +76,8 @@ def _cpu() -> str:
 
 def bytes_to_loss(rows: list[dict[str, Any]], target: float) -> float | None:
     """Radio bytes (up + down) spent by the first evaluation at or below ``target``."""
-    for r in rows:
-        if r.get("eval_loss") is not None and r["eval_loss"] <= target + 1e-12:
-            return float(r["bytes_up_total"] + r["bytes_down_total"])
-    return None
+    r = first_at_loss(rows, target)
+    return float(r["bytes_up_total"] + r["bytes_down_total"]) if r else None
 
 
 def results_table(sweep: Sweep, out: Path) -> str:

@@ -88,11 +88,16 @@ class Context:
     base: "BaseWeights"
 
 
-def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
+def zero_row() -> dict[str, Any]:
+    """Round 0's metrics line before its evaluation: nothing trained, sent or spent yet."""
     keys = ("bytes_up", "bytes_down", "bytes_backhaul_up", "bytes_backhaul_down", "energy_j")
     zeros = {k: 0 for k in keys} | {f"{k}_total": 0 for k in keys}
     return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
-            "client_stats": [], "wall_s": 0.0, **evaluate(ctx, st)}
+            "client_stats": [], "wall_s": 0.0}
+
+
+def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
+    return zero_row() | evaluate(ctx, st)
 
 
 def task_adapters(ctx: Context, assignment: list[str]) -> dict[str, str]:

@@ -30,8 +30,6 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None, dtype: 
 
 def unpack(data: bytes) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors (floating point ones as float32) and metadata of a message; a clear error if malformed."""
-    from safetensors import safe_open  # noqa: F401  (the format's reader; load() below validates the header)
-
     try:
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")

@@ -35,7 +35,7 @@ from edgelam.data.classification import build_classification, collate_labeled
 from edgelam.data.format import collate
 from edgelam.fl.aggregate import weighted_average
 from edgelam.fl.client import batches, lr_lambda, num_local_steps
-from edgelam.fl.context import CHECKPOINT, RunState, load_checkpoint, save_checkpoint
+from edgelam.fl.context import CHECKPOINT, RunState, load_checkpoint, save_checkpoint, zero_row
 from edgelam.models.lora import serialize
 from edgelam.models.split import Params, SplitModel, build_split, is_encoder, unload
 from edgelam.net import channel
@@ -409,10 +409,7 @@ def run_split(cfg: RunConfig, out: Path, resume: bool = False, on_round: Callabl
             return wall_before + time.perf_counter() - t0
 
         if not rows:
-            keys = ("bytes_up", "bytes_down", "bytes_backhaul_up", "bytes_backhaul_down", "energy_j")
-            base = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **{k: 0 for k in keys},
-                    **{f"{k}_total": 0 for k in keys}, "clients": [], "client_stats": [], "wall_s": 0.0,
-                    "schedule": {"queues": [0.0] * len(ctx.clients)}, **_eval(ctx, st)}
+            base = zero_row() | {"schedule": {"queues": [0.0] * len(ctx.clients)}} | _eval(ctx, st)
             rows.append(base)
             atomic_write_text(out / "metrics.jsonl", to_json_line(base) + "\n")
             save_checkpoint(ckpt, st)
