@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Split-learning runs read SST-2 / AG News; CI has them beside the repository, a bare clone may not.
+needs_sst2 = pytest.mark.skipif(not (Path(os.environ.get("EDGELAM_DATA", SHARED_DATA)) / "sst2_agnews").is_dir(),
+                                reason="SST-2 / AG News (sst2_agnews/) not found; set EDGELAM_DATA to the data folder")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import pytest
 from edgelam.config import load_config
 
 from test_split import _model, _split_vs_unsplit
+from conftest import needs_sst2
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +23,7 @@ def test_real_models_split_gradients_equal_unsplit(name, targets, cut):
         sm.peft.unload()
 
 
+@needs_sst2
 def test_minilm_split_run_learns_sst2(tmp_path):
     from edgelam.fl.orchestrator import run
 

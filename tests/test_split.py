@@ -13,6 +13,7 @@ from edgelam.config import ConfigError, LoraConfig, load_config
 from edgelam.models.split import build_split
 from edgelam.split.step import leaves, plan, step
 from edgelam.split.wire import encode, wire_bytes
+from conftest import needs_sst2
 
 TEXTS = ["hello world, this is a test", "short", "another sentence that is rather longer than the others"]
 
@@ -104,6 +105,7 @@ def _rows(path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@needs_sst2
 def test_tiny_split_run_end_to_end(tmp_path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -153,6 +155,7 @@ def test_tiny_split_run_end_to_end(tmp_path) -> None:
     assert total / n == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
 
 
+@needs_sst2
 def test_sfl_v2_queues_for_the_shared_server_copy(tmp_path) -> None:
     from edgelam.fl.orchestrator import run
 
@@ -169,6 +172,7 @@ def test_sfl_v2_queues_for_the_shared_server_copy(tmp_path) -> None:
     assert v2[1]["bytes_up"] == v1[1]["bytes_up"]
 
 
+@needs_sst2
 def test_int8_and_no_split(tmp_path) -> None:
     from edgelam.fl.orchestrator import run
 
@@ -181,6 +185,7 @@ def test_int8_and_no_split(tmp_path) -> None:
     assert "act_up" not in ns and ns["adapters_up"] > f32["adapters_up"]  # the whole adapter travels, nothing else
 
 
+@needs_sst2
 def test_resume_after_a_crash_gives_the_same_run(tmp_path) -> None:
     from edgelam.fl.orchestrator import run
 
@@ -206,6 +211,7 @@ def test_classification_data_needs_a_split_strategy() -> None:
         load_config("configs/tiny_split.yaml", ["split.schedule.policy=best"])
 
 
+@needs_sst2
 def test_rounds_without_a_feasible_device_are_reported(tmp_path) -> None:
     from edgelam.fl.orchestrator import run
 
@@ -218,6 +224,7 @@ def test_rounds_without_a_feasible_device_are_reported(tmp_path) -> None:
     assert math.isfinite(rows[-1]["sim_time_s"])
 
 
+@needs_sst2
 def test_classification_data_sst2_and_agnews(tmp_path) -> None:
     from edgelam.config import DataConfig
     from edgelam.data.classification import SOURCES, build_classification, read_tsv

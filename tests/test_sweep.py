@@ -7,6 +7,7 @@ import pytest
 
 from edgelam.config import ConfigError
 from edgelam.sweep import load_sweep, time_to_loss
+from conftest import needs_sst2
 
 
 def test_time_to_loss():
@@ -43,6 +44,7 @@ def test_bad_sweep_files(repo, tmp_path):
         load_sweep(bad)
 
 
+@needs_sst2
 def test_split_sweep_reports_budgets_and_plots(repo, tmp_path):
     from edgelam.sweep import run_sweep
 
