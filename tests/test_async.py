@@ -6,7 +6,7 @@ import torch
 
 from edgelam.config import AsyncConfig, FLConfig, TrainConfig, load_config
 from edgelam.fl.aggregate import buffered_step, mix, staleness_weight
-from edgelam.fl.orchestrator import run
+from edgelam.lifecycle import run
 from edgelam.fl.strategies.base import Population
 from edgelam.fl.strategies.fedbuff import FedBuff
 from edgelam.store import read_jsonl

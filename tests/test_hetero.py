@@ -9,7 +9,8 @@ import torch
 from edgelam.config import DataConfig, LoraConfig as LoraSettings, TrainConfig
 from edgelam.data.build import build_federated_data
 from edgelam.fl.client import local_train
-from edgelam.fl.hetero import assign_ranks, fill_dead_components, mask_rank, pad, product_sum, stack, svd_factors, truncate
+from edgelam.fl.hetero import (assign_ranks, average_others, fill_dead_components, mask_rank, norm_weights, pad,
+                              product_sum, pruned_rank, stack, svd_factors, truncate)
 from edgelam.models.flops import flop_model
 from edgelam.models.load import tiny_model
 from edgelam.models.lora import attach_lora, get_adapter_state
@@ -43,6 +44,42 @@ def test_zero_padding_average_by_hand():
     assert avg[A].flatten().tolist() == [2, 2, 1.5, 1.5]
     assert truncate(a4, 2)[B].shape == (1, 2)
     assert torch.equal(mask_rank(a4, 1)[A].flatten(), torch.tensor([3.0, 0, 0, 0]))
+
+
+def test_norm_weights_by_hand():
+    # client 0, rank 1: B A = [[3, 0], [4, 0]], ||.||_F = 5; client 1, rank 2: B A = diag(9, 12), ||.||_F = 15
+    a1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[3.0], [4.0]])}
+    a2 = {A: torch.eye(2), B: torch.tensor([[9.0, 0.0], [0.0, 12.0]])}
+    assert norm_weights([a1, a2]) == pytest.approx([5.0, 15.0])
+    # HetLoRA: A = 1/4 pad(A_1) + 3/4 A_2 = [[1, 0], [0, 0.75]]; B = 1/4 [[3, 0], [4, 0]] + 3/4 diag(9, 12)
+    avg = {k: 0.25 * pad(a1, 2)[k] + 0.75 * a2[k] for k in a2}
+    assert avg[A].tolist() == [[1.0, 0.0], [0.0, 0.75]] and avg[B].tolist() == [[7.5, 0.0], [1.0, 9.0]]
+    assert norm_weights([{A: torch.zeros(1, 2), B: torch.zeros(2, 1)}] * 2) == [1.0, 1.0]  # nothing learned: equal
+
+
+def test_rank_self_pruning_by_hand():
+    # rank 4, one module, A = I: component j of B A is B's column j. gamma 0.5 keeps floor(2) = 2 components
+    # when ||tail||_F < (1 - 0.5) ||head||_F = 0.5 * ||(4, 3)|| = 2.5
+    def adapter(cols):
+        return {A: torch.eye(4), B: torch.diag(torch.tensor(cols))}
+
+    assert pruned_rank(adapter([4.0, 3.0, 0.1, 0.2]), 4, gamma=0.5) == 2  # tail sqrt(0.05) = 0.22 < 2.5
+    assert pruned_rank(adapter([4.0, 3.0, 3.0, 0.0]), 4, gamma=0.5) == 4  # tail 3 >= 2.5: kept
+    assert pruned_rank(adapter([4.0, 3.0, 0.0, 1.0]), 4, gamma=0.75) == 3  # keeps floor(3); tail 1 < 0.25 * 5
+    assert pruned_rank(adapter([4.0, 3.0, 0.1, 0.2]), 4, gamma=0.5, r_min=3) == 3  # never below r_min: drops one
+    assert pruned_rank(adapter([4.0, 3.0, 0.1, 0.2]), 4, gamma=0.0) == 4  # off
+
+
+def test_non_lora_keys_pass_through_the_rank_helpers():
+    head = "classifier.modules_to_save.default.weight"
+    a = _adapter(4, 0) | {head: torch.tensor([[1.0, 2.0]])}
+    for out in (truncate(a, 2), pad(truncate(a, 2), 4), mask_rank(a, 1), fill_dead_components(a, a)):
+        assert torch.equal(out[head], a[head])
+    assert truncate(a, 2)[A].shape == (2, 5) and pad(truncate(a, 2), 4)[B].shape == (3, 4)
+    assert list(stack([a, a], [1, 1])) == ["m"]  # stacking concerns LoRA modules only
+    b = _adapter(2, 1) | {head: torch.tensor([[3.0, 6.0]])}
+    assert average_others([a, b], [1, 3])[head].tolist() == [[2.5, 5.0]]  # (1 * [1, 2] + 3 * [3, 6]) / 4
+    assert average_others([_adapter(2, 0)], [1]) == {}
 
 
 def test_svd_factors_best_low_rank():
@@ -97,7 +134,7 @@ def test_hetero_rank_runs_and_bytes_follow_rank(repo, tmp_path, strategy):
 
 def test_flora_gives_the_shared_base_model_back_unchanged(repo, tmp_path, tiny):
     from edgelam.config import load_config
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
 
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     cfg = load_config(repo / "configs/tiny_hetero_rank.yaml", ["fl.strategy=flora", "fl.rounds=2"])

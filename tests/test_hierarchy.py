@@ -3,7 +3,7 @@
 import pytest
 
 from edgelam.config import load_config
-from edgelam.fl.orchestrator import run
+from edgelam.lifecycle import run
 from edgelam.store import read_jsonl
 
 

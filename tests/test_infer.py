@@ -46,7 +46,7 @@ def test_module_spec_parsing() -> None:
     assert ModuleSpec.parse("blocks:0:2") == ModuleSpec("blocks", 0, 2) and str(ModuleSpec.parse("head")) == "head"
     assert ModuleSpec.parse("full:3") == ModuleSpec("full", 0, 3) and str(ModuleSpec.parse("full")) == "full"
     for bad in ("blocks:2:2", "blocks:a:3", "tail", "embed:1", "full:0"):
-        with pytest.raises(ValueError, match="must be embed, head, full, full:K or blocks:A:B"):
+        with pytest.raises(ValueError, match="must be embed, head, full, full:K or blocks:START:STOP"):
             ModuleSpec.parse(bad)
 
 
@@ -352,7 +352,7 @@ def test_multi_access_routes_by_load_and_survives_a_server_leaving(base) -> None
 def test_adapters_are_chosen_per_request(tmp_path) -> None:
     """A federated run's PEFT adapter served by a module: per request, base or adapter, as PEFT computes."""
     from edgelam.config import load_config
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
 
     run(load_config("configs/tiny.yaml", ["fl.rounds=1", "eval.generate=0", "model.lora.dropout=0.0"]), tmp_path / "fed")
     adapter = tmp_path / "fed" / "adapter"

@@ -41,7 +41,7 @@ def test_lora_steps_lower_the_loss_on_smollm2(smol):
 
 
 def test_federated_round_on_smollm2_saves_a_peft_adapter(smol, tmp_path):
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
 
     cfg = config_from_dict({
         "model": {"name": "smollm2"},

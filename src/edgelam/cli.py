@@ -59,7 +59,7 @@ def _progress() -> Progress:
 
 def run_with_progress(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     """One run with the per-round progress bar."""
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
 
     console.print(f"model: {cfg.model.name}, strategy: {cfg.fl.strategy}, {cfg.data.num_clients} clients, "
                   f"{cfg.fl.rounds} rounds -> {out_dir}")
@@ -93,9 +93,6 @@ def run_experiment(config: Path | None, overrides: list[str], out: Path | None =
             raise ConfigError("give a config file, e.g. `edgelam run configs/tiny.yaml`, or --resume RUN_DIR")
         cfg = _resolve(load_config(config, overrides))
         out_dir = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (out_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"--out {out_dir} already holds a run; resume it with `edgelam run --resume {out_dir}` "
-                              f"or choose another folder")
     summary = run_with_progress(cfg, out_dir, resume is not None)
     console.print(summary_table(summary))
     console.print(f"run folder: {out_dir}\nadapter (PEFT format): {summary['adapter']}\nplots: {summary['plot']}")
@@ -170,31 +167,52 @@ def plot_cmd(
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option("tiny-varied", "--model", help="model.name as in run configs (tiny-varied, smollm2, HF id, .gguf)"),
-    module: str = typer.Option(..., "--module", help="embed | head | blocks:A:B (blocks A..B-1)"),
-    port: int = typer.Option(8100, "--port"),
+    module: str = typer.Option(..., "--module", help="embed | head | full | full:K | blocks:START:STOP (blocks START..STOP-1)"),
+    port: int = typer.Option(8100, "--port", help="TCP port, 1-65535"),
     host: str = typer.Option("127.0.0.1", "--host"),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PEFT_FOLDER, repeatable; chosen per request"),
-    session_ttl: float = typer.Option(300.0, "--session-ttl", help="seconds an idle session keeps its KV cache"),
+    session_ttl: float = typer.Option(300.0, "--session-ttl", help="seconds (> 0) an idle session keeps its KV cache"),
     wire_dtype: str = typer.Option("float32", "--wire-dtype", help="float32 | float16 for hidden states in responses"),
+    max_request_tokens: int = typer.Option(8192, "--max-request-tokens",  # = modules.DEFAULT_MAX_REQUEST_TOKENS
+                                           help="most tokens one request may carry (413 above; the model's context "
+                                                "is a limit too)"),
+    max_body_mb: float = typer.Option(256.0, "--max-body-mb", help="largest request body in MiB (413 above, checked "
+                                                                    "before the body is read)"),
 ) -> None:
     """Serve one module of a model over HTTP (FastAPI): /v1/forward, /health, /ready, /info, /metrics."""
     from edgelam.infer.service import serve
 
     def go() -> None:
-        adapters = {}
-        for item in adapter or []:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ConfigError(f"--adapter '{item}' must look like NAME=PEFT_FOLDER")
-            adapters[name] = path
+        adapters = _adapters(adapter or [])
+        _check_port(port)
+        if not session_ttl > 0:
+            raise ConfigError(f"--session-ttl must be > 0 seconds, got {session_ttl}")
         if wire_dtype not in ("float32", "float16"):
             raise ConfigError(f"--wire-dtype must be float32 or float16, got '{wire_dtype}'")
+        if max_request_tokens < 1 or not max_body_mb > 0:
+            raise ConfigError("--max-request-tokens must be >= 1 and --max-body-mb > 0")
         try:
-            serve(model, module, port, host, adapters, session_ttl, wire_dtype)
+            serve(model, module, port, host, adapters, session_ttl, wire_dtype, max_request_tokens,
+                  int(max_body_mb * 2**20))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
     _guard(go)
+
+
+def _adapters(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter '{item}' must look like NAME=PEFT_FOLDER")
+        adapters[name] = path
+    return adapters
+
+
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be a TCP port between 1 and 65535, got {port}")
 
 
 @app.command("infer")
@@ -206,86 +224,147 @@ def infer_cmd(
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the model's chat template"),
 ) -> None:
     """Start a topology's services, answer one prompt through them, print per-token timings, stop them."""
-    from rich.table import Table
+    _guard(lambda: run_inference(topology, prompt, max_new_tokens, adapter, chat))
 
-    from edgelam.infer.pipeline import prompt_ids
-    from edgelam.infer.topology import LINK_EMULATION, load_topology, open_topology
-    from edgelam.models.load import load_base
 
-    def go() -> None:
-        topo = load_topology(topology)
-        base = load_base(topo.model, "float32", 0)
-        tok = base.tokenizer
-        ids = prompt_ids(tok, prompt, chat)
-        console.print(f"topology {topo.name}: {topo.mode}, model {topo.model}")
-        console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
-        tokens: list[int] = []
-        stamps: list[float] = []
-        with open_topology(topo, base.model.config, adapter) as runner:
-            if runner.plan is not None:
-                console.print(runner.plan.table())
-            console.print(f"services: {', '.join(f'{s.module} on {s.node}' for s in runner.services)}")
-            t0 = time.perf_counter()
-            for t in runner.stream(ids, max_new_tokens or topo.max_new_tokens, tok.eos_token_id):
+def run_inference(topology: Path, prompt: str, max_new_tokens: int | None = None, adapter: str | None = None,
+                  chat: bool = True) -> list[int]:
+    """Answer ``prompt`` through the topology; returns the tokens. A topology that stops answering
+    mid-way prints the partial answer and one error line, and exits with code 1."""
+    from rich.markup import escape
+
+    from edgelam.infer.client import StageDown
+    from edgelam.infer.modules import ModuleError
+    from edgelam.infer.topology import LINK_EMULATION, open_topology
+
+    topo, base, ids, max_new = _prepare_inference(topology, prompt, max_new_tokens, chat)
+    console.print(f"topology {topo.name}: {topo.mode}, model {topo.model}")
+    console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
+    tokens: list[int] = []
+    stamps: list[float] = []
+    failure: Exception | None = None
+    with open_topology(topo, base.model.config, adapter) as runner:
+        if runner.plan is not None:
+            console.print(runner.plan.table())
+        console.print(f"services: {', '.join(f'{s.module} on {s.node}' for s in runner.services)}")
+        t0 = time.perf_counter()
+        try:
+            for t in runner.stream(ids, max_new, base.tokenizer.eos_token_id):
                 tokens.append(t)
                 stamps.append(time.perf_counter() - t0)
-            report = runner.report()
-        stages = report.pop("stages", [])
-        names = list(stages[0]) if stages else []
-        table = Table(title="per-token timing (ms)")
-        for col in ["#", "token", "since previous", *names]:
-            table.add_column(col, justify="right")
-        for i, (t, at) in enumerate(zip(tokens, stamps)):
-            extra = [f"{stages[i][n] * 1e3:.1f}" for n in names] if i < len(stages) else []
-            table.add_row(str(i), repr(tok.decode([t])), f"{(at - (stamps[i - 1] if i else 0.0)) * 1e3:.1f}", *extra)
-        console.print(table)
-        console.print(f"answer: {tok.decode(tokens, skip_special_tokens=True)!r}")
-        per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
-        console.print(f"prompt {len(ids)} tokens; time to first token {stamps[0] * 1e3:.1f} ms; "
-                      f"per token after it {per_token * 1e3:.1f} ms" if stamps else "no tokens")
-        for key, value in report.items():
-            console.print(f"{key}: {value}")
+        except (StageDown, ModuleError) as exc:
+            failure = exc
+        report = runner.report()
+    _print_inference(base.tokenizer, ids, tokens, stamps, report)
+    if failure is not None:
+        err.print(f"[red]error:[/] {escape(str(failure))} (the answer above is partial: {len(tokens)} of up to "
+                  f"{max_new} tokens)", emoji=False, highlight=False)
+        sys.exit(1)
+    return tokens
 
-    _guard(go)
+
+def _prepare_inference(topology: Path, prompt: str, max_new_tokens: int | None, chat: bool) -> tuple[Any, Any, list[int], int]:
+    """The topology, base model, prompt ids and token budget, all checked before any service starts."""
+    from edgelam.infer.pipeline import prompt_ids
+    from edgelam.infer.topology import load_topology
+    from edgelam.models.load import load_base
+
+    topo = load_topology(topology)
+    max_new = topo.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if max_new < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new}")
+    if not prompt:
+        raise ConfigError("--prompt is empty; give some text to answer")
+    base = load_base(topo.model, "float32", 0)
+    ids = prompt_ids(base.tokenizer, prompt, chat)
+    ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0)
+    if ctx and len(ids) + max_new > ctx:
+        raise ConfigError(f"the prompt's {len(ids)} tokens + {max_new} new tokens exceed the model's context of {ctx} "
+                          f"tokens (max_position_embeddings); shorten the prompt or lower --max-new-tokens")
+    return topo, base, ids, max_new
+
+
+def _print_inference(tok: Any, ids: list[int], tokens: list[int], stamps: list[float], report: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    stages = report.pop("stages", [])
+    names = list(stages[0]) if stages else []
+    table = Table(title="per-token timing (ms)")
+    for col in ["#", "token", "since previous", *names]:
+        table.add_column(col, justify="right")
+    for i, (t, at) in enumerate(zip(tokens, stamps)):
+        extra = [f"{stages[i][n] * 1e3:.1f}" for n in names] if i < len(stages) else []
+        table.add_row(str(i), escape(repr(tok.decode([t]))), f"{(at - (stamps[i - 1] if i else 0.0)) * 1e3:.1f}", *extra)
+    console.print(table)
+    console.print(f"answer: {tok.decode(tokens, skip_special_tokens=True)!r}", markup=False, emoji=False)
+    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    console.print(f"prompt {len(ids)} tokens; time to first token {stamps[0] * 1e3:.1f} ms; "
+                  f"per token after it {per_token * 1e3:.1f} ms" if stamps else "no tokens")
+    for key, value in report.items():
+        console.print(f"{key}: {value}", markup=False, emoji=False)
 
 
 @app.command("gateway")
 def gateway_cmd(
     topology: Path = typer.Option(..., "--topology", help="topology YAML the gateway fronts"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port, 1-65535"),
     host: str = typer.Option("127.0.0.1", "--host"),
     adapter: Optional[str] = typer.Option(None, "--adapter"),
+    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit",
+                                         help="most tokens one request may ask for (max_tokens above it: 400)"),
 ) -> None:
     """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, streaming) in front of a topology."""
+    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit))
+
+
+def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapter: str | None = None,
+                max_tokens_limit: int = 1024) -> None:
+    """Start the topology and serve the gateway until SIGINT / SIGTERM; the services stop with it."""
     import uvicorn
 
     from edgelam.infer.gateway import create_gateway
     from edgelam.infer.topology import load_topology, open_topology
     from edgelam.models.load import load_base
 
-    def go() -> None:
-        topo = load_topology(topology)
-        base = load_base(topo.model, "float32", 0)
-        with open_topology(topo, base.model.config, adapter) as runner:
-            app_ = create_gateway(runner.stream, base.tokenizer, topo.model, topo.max_new_tokens)
-            console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1")
-            uvicorn.run(app_, host=host, port=port, log_level="warning")
-
-    _guard(go)
+    _check_port(port)
+    if max_tokens_limit < 1:
+        raise ConfigError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    topo = load_topology(topology)
+    base = load_base(topo.model, "float32", 0)
+    ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0) or None
+    with open_topology(topo, base.model.config, adapter) as runner:
+        app_ = create_gateway(runner.stream, base.tokenizer, topo.model, min(topo.max_new_tokens, max_tokens_limit),
+                              max_tokens_limit, ctx, runner.dead)
+        console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1")
+        uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 def _guard(fn: Any) -> None:
-    """Turn known bad-input errors into one clear line and exit code 2 (EDGELAM_DEBUG=1 shows tracebacks)."""
+    """Turn bad input into one clear line and exit code 2, and any other failure into one line and
+    exit code 1 (EDGELAM_DEBUG=1 shows the traceback instead)."""
     from edgelam.data.sources import DataError
     from edgelam.models.load import ModelLoadError
+    from edgelam.rundir import RunFolderError
 
     try:
         fn()
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as exc:
-        if os.environ.get("EDGELAM_DEBUG"):
-            raise
-        err.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
+    except (ConfigError, DataError, ModelLoadError, RunFolderError, FileNotFoundError) as exc:
+        _fail(exc, 2)
+    except KeyboardInterrupt:
+        err.print("interrupted; a run folder resumes with `edgelam run --resume RUN_DIR`")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        _fail(exc, 1, f"{type(exc).__name__}: ")
+
+
+def _fail(exc: BaseException, code: int, prefix: str = "") -> None:
+    if os.environ.get("EDGELAM_DEBUG"):
+        raise exc
+    err.print(f"[red]error:[/] {prefix}{exc}", markup=True, highlight=False)
+    if code == 1:
+        err.print("(an unexpected error; EDGELAM_DEBUG=1 shows the traceback)")
+    sys.exit(code)
 
 
 def main() -> None:

@@ -60,10 +60,14 @@ class ModelConfig:
         _one_of(self.dtype, "model.dtype", ["float32", "bfloat16", "float16"])
 
 
+# data.source values that are text classification sets (split learning with an encoder)
+CLASSIFICATION_SOURCES = ("sst2", "agnews", "synthetic_sentiment", "synthetic_topics")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # auto (dolly if found, else synthetic) | synthetic | dolly | files | hf; classification (split
-    # learning with an encoder): sst2 | agnews
+    # learning with an encoder): sst2 | agnews | synthetic_sentiment | synthetic_topics
     source: str = "synthetic"
     # dolly: folder or file (relative paths resolve against $EDGELAM_DATA); files: list of paths
     path: str | None = None
@@ -84,9 +88,9 @@ class DataConfig:
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", "sst2", "agnews"])
+        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", *CLASSIFICATION_SOURCES])
         _one_of(self.partition, "data.partition", ["iid", "dirichlet", "by_task", "presplit"])
-        _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt"])
+        _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt", "messages", "prompt_completion", "text"])
         _require(self.num_clients >= 1, "data.num_clients", "must be >= 1", self.num_clients)
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0", self.dirichlet_alpha)
         _require(0 <= self.heldout_fraction < 1, "data.heldout_fraction", "must be in [0, 1)", self.heldout_fraction)
@@ -110,7 +114,7 @@ class DataConfig:
 class NetConfig:
     # Path loss: macro (128.1 + 37.6 log10 d_km), uma or umi (3GPP TR 38.901 Table 7.4.1-1).
     path_loss: str = "macro"
-    carrier_ghz: float = 3.5
+    carrier_ghz: float | None = None  # uma / umi (default 3.5); macro is a 2 GHz model and takes none
     cell_radius_m: float = 500.0
     min_distance_m: float = 10.0
     bs_height_m: float = 25.0
@@ -137,6 +141,10 @@ class NetConfig:
         _one_of(self.path_loss, "net.path_loss", ["macro", "uma", "umi"])
         _one_of(self.fading, "net.fading", ["rayleigh", "none"])
         _one_of(self.server_tier, "net.server_tier", ["edge", "cloud"])
+        if self.path_loss == "macro":
+            _require(self.carrier_ghz in (None, 2.0), "net.carrier_ghz", "must be unset with net.path_loss 'macro' "
+                     "(128.1 + 37.6 log10 d_km is a 2 GHz model); use path_loss uma or umi for another carrier", self.carrier_ghz)
+        object.__setattr__(self, "carrier_ghz", self.carrier_ghz or (2.0 if self.path_loss == "macro" else 3.5))
         for key in ("carrier_ghz", "cell_radius_m", "min_distance_m", "uplink_bandwidth_hz", "downlink_bandwidth_hz",
                     "device_flops_per_cycle", "kappa", "backhaul_bps", "bs_height_m", "ut_height_m"):
             _require(getattr(self, key) > 0, f"net.{key}", "must be > 0", getattr(self, key))
@@ -203,10 +211,18 @@ class RankConfig:
 
     ranks: tuple[int, ...] = (2, 4, 8)  # the largest must equal model.lora.r
     rule: str = "compute"  # compute | memory: devices sorted by it fall into len(ranks) groups
+    # hetlora only. norm: the zero-padded factors averaged with S_k = ||B_k A_k||_F (Cho et al. 2024);
+    # samples: the same, weighted by sample count (zero-padding FedAvg, the recorded hetero_rank run)
+    aggregation: str = "norm"
+    # hetlora rank self-pruning decay factor in [0, 1): a client keeps floor(gamma r) components when the
+    # trailing ones are small (fl/hetero.py pruned_rank); 0 = off. The paper's value could not be read.
+    prune_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         _require(len(self.ranks) >= 1 and all(r >= 1 for r in self.ranks), "fl.rank.ranks", "must list ranks >= 1", self.ranks)
         _one_of(self.rule, "fl.rank.rule", ["compute", "memory"])
+        _one_of(self.aggregation, "fl.rank.aggregation", ["norm", "samples"])
+        _require(0 <= self.prune_gamma < 1, "fl.rank.prune_gamma", "must be in [0, 1) (0 = no pruning)", self.prune_gamma)
 
 
 @dataclass(frozen=True)
@@ -245,7 +261,9 @@ class FLConfig:
     strategy: str = "fedavg"
     rounds: int = 2
     fraction: float = 1.0  # share of clients sampled each round
-    server_lr: float = 1.0  # fedavgm / fedadam
+    # fedavgm / fedadam server step size; null = the strategy's own default (fedavgm 1.0: a plain
+    # FedAvg step when momentum is 0; fedadam 1e-2, Reddi et al. 2021: 1.0 moves LoRA ~90x a FedAvg step)
+    server_lr: float | None = None
     server_momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99
@@ -256,14 +274,16 @@ class FLConfig:
     hier: HierConfig = field(default_factory=HierConfig)
     # synchronous schemes: drop clients not back within this many simulated seconds (null = wait for all)
     deadline_s: float | None = None
+    # how a set of client states becomes one, at every aggregation site (fl/aggregate.py REDUCERS):
+    # mean (weighted by samples) | median | trimmed_mean (coordinate-wise, Yin et al. 2018; unweighted)
+    aggregator: str = "mean"
 
     def __post_init__(self) -> None:
-        from edgelam.fl.strategies import STRATEGIES
-
-        _one_of(self.strategy, "fl.strategy", sorted(STRATEGIES) + list(SPLIT_STRATEGIES))
+        _one_of(self.strategy, "fl.strategy", list(STRATEGY_DRIVERS))
+        _one_of(self.aggregator, "fl.aggregator", ["mean", "median", "trimmed_mean"])
         _require(self.rounds >= 1, "fl.rounds", "must be >= 1", self.rounds)
         _require(0 < self.fraction <= 1, "fl.fraction", "must be in (0, 1]", self.fraction)
-        _require(self.server_lr > 0, "fl.server_lr", "must be > 0", self.server_lr)
+        _require(self.server_lr is None or self.server_lr > 0, "fl.server_lr", "must be > 0 or null", self.server_lr)
         _require(0 <= self.server_momentum < 1, "fl.server_momentum", "must be in [0, 1)", self.server_momentum)
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "fl.beta1/beta2", "must be in [0, 1)", (self.beta1, self.beta2))
         _require(self.tau > 0, "fl.tau", "must be > 0", self.tau)
@@ -271,7 +291,14 @@ class FLConfig:
             _require(self.deadline_s > 0, "fl.deadline_s", "must be > 0 or null", self.deadline_s)
 
 
-SPLIT_STRATEGIES = ("sfl_v1", "sfl_v2")
+# The strategy names and the driver each runs on (the classes in fl/strategies/ declare the same
+# ``driver``; a test keeps them equal). Config validates against these names, never the code.
+STRATEGY_DRIVERS: dict[str, str] = {
+    "fedavg": "sync", "fedprox": "sync", "fedavgm": "sync", "fedadam": "sync", "ifca": "sync", "cfl": "sync",
+    "rescluster": "sync", "hetlora": "sync", "flora": "sync", "flexlora": "sync",
+    "fedasync": "async", "fedbuff": "async", "hierfavg": "hier", "sfl_v1": "split", "sfl_v2": "split",
+}
+SPLIT_STRATEGIES = tuple(k for k, v in STRATEGY_DRIVERS.items() if v == "split")
 
 
 @dataclass(frozen=True)
@@ -323,7 +350,7 @@ class EvalConfig:
     every: int = 1  # evaluate every N rounds (and always after the last)
     batch_size: int = 8
     max_per_task: int | None = None  # cap of global eval examples per task
-    client_heldout: bool = True  # also report the mean loss on clients' held-out data
+    client_heldout: bool | None = None  # also report the mean loss on clients' held-out data (null: yes unless split)
     generate: int = 0  # number of sample answers generated at the end
     max_new_tokens: int = 32
 
@@ -351,7 +378,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES
-        if self.data.source in ("sst2", "agnews"):
+        if self.eval.client_heldout is None:
+            object.__setattr__(self.eval, "client_heldout", not split)
+        self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
+        if self.data.source in CLASSIFICATION_SOURCES:
             _require(split, "fl.strategy", f"must be one of {list(SPLIT_STRATEGIES)} for classification data "
                      f"({self.data.source}); the split driver trains an encoder with a classifier", self.fl.strategy)
         if split:
@@ -362,6 +392,27 @@ class RunConfig:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
         if self.threads is not None:
             _require(self.threads >= 1, "threads", "must be >= 1 or null", self.threads)
+        _require(self.seed >= 0, "seed", "must be an integer >= 0", self.seed)
+
+    def _check_driver_settings(self, driver: str) -> None:
+        """Settings a driver would ignore are refused, not dropped silently."""
+        s = self.fl.strategy
+        if self.fl.deadline_s is not None:
+            _require(driver == "sync", "fl.deadline_s", f"applies to synchronous rounds only; '{s}' runs on the {driver} "
+                     "driver and has no round deadline. Remove it", self.fl.deadline_s)
+        if driver == "hier":
+            _require(self.train.local_epochs is None, "train.local_epochs", "is not used by hierfavg (its devices train "
+                     "fl.hier.kappa1 steps between edge aggregations); remove it", self.train.local_epochs)
+        if driver != "split":
+            return
+        for key, value, default in (("fl.fraction", self.fl.fraction, 1.0), ("train.prox_mu", self.train.prox_mu, 0.0),
+                                    ("net.server_tier", self.net.server_tier, "edge"), ("eval.generate", self.eval.generate, 0),
+                                    ("eval.client_heldout", self.eval.client_heldout, False)):
+            _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
+                     f"server trains the middle); leave it at {default!r}", value)
+        if self.data.source in CLASSIFICATION_SOURCES:
+            _require(self.model.dtype == "float32", "model.dtype", "must be float32 for an encoder (classification) "
+                     "split run", self.model.dtype)
 
 
 # --- building from plain data ---
@@ -451,9 +502,13 @@ def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = 
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found; `edgelam ls` lists the shipped configs")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text ({exc.reason} at byte {exc.start}); is it a YAML file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file '{p}' is empty; start from one in configs/ (`edgelam ls` lists them)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of settings at the top level")
     return config_from_dict(data, overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,33 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+class Purpose(IntEnum):
+    """What a random draw is for: the first key after the seed, so no two purposes share a stream.
+
+    The values the recorded experiments used are kept, so they reproduce. Two are shared on
+    purpose: SPLIT_DROPOUT / SPLIT_SCHEDULE (split driver, keyed by round) alias ASYNC_TRAIN /
+    ASYNC_FADING (asynchronous driver, keyed by client and trip); the two drivers never meet in
+    one run and their key lengths differ, so their streams do not collide.
+    """
+
+    PLACEMENT = 1  # device positions and hardware
+    FADING = 2  # (round): small-scale fading of a synchronous round
+    TRAIN = 3  # (round, client[, edge round]): a client's batches and LoRA dropout
+    SELECT = 4  # (round): client sampling
+    ASYNC_TRAIN = 5  # (client, trip)
+    ASYNC_FADING = 6  # (client, trip)
+    EDGE_FADING = 7  # (round, edge, edge round): hierarchical device links
+    SPLIT_DROPOUT = 5  # (round): dropout during a split round's steps (alias, see above)
+    SPLIT_SCHEDULE = 6  # (round): the random baseline scheduler (alias, see above)
+    CLASS_POOL = 20  # classification data: the training pool
+    CLASS_PARTITION = 21
+    CLASS_TEST = 22
+    EVAL_SPLIT = 101  # text data: global evaluation examples per task
+    PARTITION = 102  # text data: clients' shares
+    HELDOUT = 103  # (client): a client's held-out examples
+    SYNTHETIC = 200  # (task, stream): EdgeLAM's synthetic task families
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

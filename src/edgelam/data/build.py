@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -22,7 +22,7 @@ from edgelam.data.sources import (
     resolve_path,
     task_from_filename,
 )
-from edgelam.store import rng_for
+from edgelam.store import Purpose, rng_for
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,30 @@ def _load_files(files: Sequence[str], fmt: str) -> list[Example]:
     for spec in files:
         path, _, task = spec.partition("::")
         p = resolve_path(path)
-        rows = read_records(p)
-        examples = convert(rows, fmt, task or None, str(p))
-        if not task and "category" not in rows[0]:
+        records = read_records(p)
+        examples = convert(records, fmt, task or None, str(p))
+        if not task and "category" not in records[0][1]:
             name = task_from_filename(path)
-            examples = [Example(e.instruction, e.context, e.response, name) for e in examples]
+            examples = [dataclasses.replace(e, task=name) for e in examples]
         out.extend(examples)
     return out
 
 
+def _drop_empty(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(examples with an answer, those without): an empty answer has nothing to train on."""
+    return [e for e in examples if not e.is_empty], [e for e in examples if e.is_empty]
+
+
+def _empty_note(dropped: list[Example]) -> str:
+    if not dropped:
+        return ""
+    where = ", ".join(e.origin for e in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+    return f"; {len(dropped)} records with an empty answer skipped ({where})"
+
+
 def _hold_out_global(pool: list[Example], per_task: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Take ``per_task`` examples of each task out of ``pool`` as the global eval set."""
-    rng = rng_for(seed, 101)
+    rng = rng_for(seed, Purpose.EVAL_SPLIT)
     labels = [e.task for e in pool]
     held: set[int] = set()
     for task in sorted(set(labels)):
@@ -72,19 +84,29 @@ def _hold_out_global(pool: list[Example], per_task: int, seed: int) -> tuple[lis
 
 
 def _partition(cfg: DataConfig, pool: list[Example], seed: int) -> list[list[Example]]:
-    rng = rng_for(seed, 102)
+    rng = rng_for(seed, Purpose.PARTITION)
     labels = [e.task for e in pool]
     if cfg.partition == "iid":
         parts = partition.iid(len(pool), cfg.num_clients, rng)
     elif cfg.partition == "dirichlet":
-        parts = partition.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng)
+        parts = partition_or_explain(lambda: partition.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng), cfg)
     elif cfg.partition == "by_task":
         tasks = sorted(set(labels))
         client_tasks = [list(t) for t in cfg.client_tasks] or partition.default_client_tasks(tasks, cfg.num_clients)
-        parts = partition.by_task(labels, client_tasks, rng)
+        parts = partition_or_explain(lambda: partition.by_task(labels, client_tasks, rng), cfg)
     else:
         raise DataError(f"data.partition '{cfg.partition}' is not available for data.source '{cfg.source}'")
     return [[pool[i] for i in p] for p in parts]
+
+
+def partition_or_explain(fn: Callable[[], list[list[int]]], cfg: DataConfig) -> list[list[int]]:
+    """Run a partitioner; its ValueError (too few examples, a task nobody has) becomes a DataError with a fix."""
+    fix = {"dirichlet": "lower data.num_clients, give more examples or raise data.dirichlet_alpha",
+           "by_task": "name tasks the data holds in data.client_tasks"}.get(cfg.partition, "lower data.num_clients")
+    try:
+        return fn()
+    except ValueError as exc:
+        raise DataError(f"data.partition '{cfg.partition}' over {cfg.num_clients} clients: {exc}; {fix}") from None
 
 
 def _source(cfg: DataConfig, seed: int) -> tuple[list[list[Example]] | None, list[Example], list[Example], str]:
@@ -136,10 +158,17 @@ def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, se
     """Load, partition, split held-out data and tokenize, all determined by ``seed``."""
     assert cfg.source != "auto", "resolve data.source 'auto' with resolve_auto() first"
     presplit, pool, evals, desc = _source(cfg, seed)
+    pool, dropped = _drop_empty(pool)
+    evals, dropped_eval = _drop_empty(evals)
+    if presplit is not None:
+        kept = [_drop_empty(c) for c in presplit]
+        presplit = [c for c, _ in kept]
+        dropped += [e for _, d in kept for e in d]
+    desc += _empty_note(dropped + dropped_eval)
     client_examples = presplit if presplit is not None else _partition(cfg, pool, seed)
     clients = []
     for k, examples in enumerate(client_examples):
-        rng = rng_for(seed, 103, k)
+        rng = rng_for(seed, Purpose.HELDOUT, k)
         if cfg.max_examples_per_client is not None and len(examples) > cfg.max_examples_per_client:
             keep = sorted(int(i) for i in rng.permutation(len(examples))[: cfg.max_examples_per_client])
             examples = [examples[i] for i in keep]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgelam.data.sources import Example
-from edgelam.store import rng_for
+from edgelam.store import Purpose, rng_for
 
 WORDS = (
     "apple river stone cloud tiger window garden silver planet candle forest orange rocket "
@@ -74,7 +74,7 @@ def generate(task: str, n: int, seed: int, stream: int = 0) -> list[Example]:
     """``n`` examples of ``task``; ``stream`` separates independent draws (train vs eval)."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task '{task}'; allowed: {sorted(TASKS)}")
-    rng = rng_for(seed, list(TASKS).index(task), stream)
+    rng = rng_for(seed, Purpose.SYNTHETIC, list(TASKS).index(task), stream)
     out = []
     for _ in range(n):
         prompt, answer = TASKS[task](rng)

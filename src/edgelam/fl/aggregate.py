@@ -2,24 +2,60 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 State = dict[str, Tensor]
+Reduce = Callable[[Sequence[State], Sequence[float]], State]  # (states, weights) -> one state
+
+
+def _check(states: Sequence[State], weights: Sequence[float]) -> None:
+    if not states or len(states) != len(weights):
+        raise ValueError(f"need one weight per state and at least one state (got {len(states)} states, {len(weights)} weights)")
+    if float(sum(weights)) <= 0 or min(weights) < 0:
+        raise ValueError(f"weights must be >= 0 and sum to > 0 (got {list(weights)})")
+    keys = states[0].keys()
+    for s in states[1:]:
+        if s.keys() != keys:
+            raise ValueError(f"all states must have the same keys (differ in {sorted(set(s) ^ set(keys))[:3]})")
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:
     """sum_k w_k x_k / sum_k w_k, key by key (McMahan et al. 2017, FedAvg; FedIT averages A and B apart)."""
-    assert len(states) == len(weights) and states, "need one weight per state and at least one state"
+    _check(states, weights)
     total = float(sum(weights))
-    assert total > 0, f"weights must sum to > 0 (got {list(weights)})"
     keys = states[0].keys()
-    for s in states[1:]:
-        assert s.keys() == keys, "all states must have the same keys"
     return {k: sum((w / total) * s[k].double() for s, w in zip(states, weights)).to(states[0][k].dtype)  # type: ignore[union-attr]
             for k in keys}
+
+
+def coordinate_median(states: Sequence[State], weights: Sequence[float]) -> State:
+    """The element-wise median of the states (Yin et al., ICML 2018, "coordinate-wise median");
+    weights are ignored: each update is one vote. With an even count, the mean of the middle two."""
+    _check(states, weights)
+    return {k: torch.stack([s[k].double() for s in states]).quantile(0.5, dim=0).to(states[0][k].dtype) for k in states[0]}
+
+
+def trimmed_mean(states: Sequence[State], weights: Sequence[float], trim: float = 0.2) -> State:
+    """The element-wise mean after dropping the floor(trim * n) largest and smallest values
+    (Yin et al., ICML 2018, "coordinate-wise trimmed mean"); weights are ignored."""
+    _check(states, weights)
+    n = len(states)
+    cut = int(trim * n)
+    if n - 2 * cut < 1:
+        raise ValueError(f"trimming {cut} of {n} updates from each side leaves none")
+    out = {}
+    for k in states[0]:
+        x = torch.stack([s[k].double() for s in states]).sort(dim=0).values  # (n, *shape)
+        out[k] = x[cut: n - cut].mean(dim=0).to(states[0][k].dtype)
+    return out
+
+
+REDUCERS: dict[str, Reduce] = {
+    "mean": weighted_average, "median": coordinate_median, "trimmed_mean": trimmed_mean,
+}
 
 
 def pseudo_gradient(global_state: State, average: State) -> State:
@@ -50,7 +86,8 @@ def zeros_like(state: State) -> State:
 def staleness_weight(kind: str, tau: int, a: float = 0.5, b: float = 4.0) -> float:
     """FedAsync's s(t - tau) (Xie et al. 2019, sec. 5.2): constant 1; polynomial (tau + 1)^-a;
     hinge 1 if tau <= b else 1 / (a (tau - b) + 1)."""
-    assert tau >= 0, f"staleness must be >= 0 (got {tau})"
+    if tau < 0:
+        raise ValueError(f"staleness must be >= 0 (got {tau})")
     if kind == "constant":
         return 1.0
     if kind == "polynomial":

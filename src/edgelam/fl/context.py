@@ -3,56 +3,23 @@ run state, evaluation under each adapter, and the frozen base weights a strategy
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 
 from edgelam.config import RunConfig
 from edgelam.data.build import FederatedData, build_federated_data
 from edgelam.fl.evaluate import evaluate_tasks, loss_sum
-from edgelam.fl.strategies import STRATEGIES
+from edgelam.fl.strategies import build_strategy
 from edgelam.fl.strategies.base import GLOBAL, Population, State, Strategy
 from edgelam.models.flops import FlopModel, flop_model, forward_flops, lora_train_flops
 from edgelam.models.load import load_base
 from edgelam.models.lora import attach_lora, get_adapter_state, serialize, set_adapter_state
 from edgelam.net.topology import Topology, client_round_cost, expected_link, place_devices
-from edgelam.store import atomic_write_bytes, rng_for
-
-CHECKPOINT = "state/checkpoint.safetensors"
-
-
-@dataclass
-class RunState:
-    """Everything a resumed run needs beyond the config: saved after every completed round."""
-
-    round: int
-    sim_time_s: float
-    state: State  # the strategy's flat server state (adapters, optimizer moments, assignments)
-    totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0})
-    aux: State = field(default_factory=dict)  # driver tensors (asynchronous: updates in flight)
-    aux_meta: dict[str, Any] = field(default_factory=dict)  # driver facts (asynchronous: jobs in flight)
-
-
-def save_checkpoint(path: Path, st: RunState) -> None:
-    meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals, "aux": st.aux_meta}
-    tensors = {f"state.{k}": v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
-    tensors |= {f"aux.{k}": v.detach().clone() for k, v in st.aux.items()}
-    atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
-
-
-def load_checkpoint(path: Path) -> RunState:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {})["edgelam"])
-    tensors = load_file(str(path))
-    part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
-    return RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
+from edgelam.rundir import RunState, zero_row
+from edgelam.store import Purpose, rng_for
 
 
 class Prober:
@@ -86,14 +53,6 @@ class Context:
     flops: FlopModel
     pad_id: int
     base: "BaseWeights"
-
-
-def zero_row() -> dict[str, Any]:
-    """Round 0's metrics line before its evaluation: nothing trained, sent or spent yet."""
-    keys = ("bytes_up", "bytes_down", "bytes_backhaul_up", "bytes_backhaul_down", "energy_j")
-    zeros = {k: 0 for k in keys} | {f"{k}_total": 0 for k in keys}
-    return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
-            "client_stats": [], "wall_s": 0.0}
 
 
 def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
@@ -147,8 +106,8 @@ def setup(cfg: RunConfig) -> Context:
     base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
     model = attach_lora(base.model, cfg.model.lora, seed=cfg.seed)
     data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
-    strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
-    topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, 1))
+    strategy = build_strategy(cfg)
+    topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, Purpose.PLACEMENT))
     return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id),
                    BaseWeights(model))
 

@@ -16,11 +16,12 @@ from typing import Any
 import simpy
 
 from edgelam.fl.client import ClientUpdate
-from edgelam.fl.context import Context, RunState
+from edgelam.fl.context import Context
+from edgelam.rundir import RunState
 from edgelam.fl.rounds import Job, metrics_row, start_job
 from edgelam.fl.strategies.base import AsyncStrategy, get_prefixed, put_prefixed
 from edgelam.net.topology import ClientCost, link_state
-from edgelam.store import rng_for, torch_seed_for
+from edgelam.store import Purpose, rng_for, torch_seed_for
 
 
 def _dispatch(ctx: Context, st: RunState, k: int, counts: dict[int, int], share: dict[int, int], now: float) -> Job:
@@ -28,10 +29,10 @@ def _dispatch(ctx: Context, st: RunState, k: int, counts: dict[int, int], share:
     n = counts.get(k, 0)
     counts[k] = n + 1
     cfg, dev = ctx.cfg, ctx.topology.devices[k]
-    fading = float(rng_for(cfg.seed, 6, k, n).exponential(1.0)) if cfg.net.fading == "rayleigh" else 1.0
+    fading = float(rng_for(cfg.seed, Purpose.ASYNC_FADING, k, n).exponential(1.0)) if cfg.net.fading == "rayleigh" else 1.0
     link = link_state(cfg.net, dev, dev.large_scale_gain * fading, share[dev.edge])
     ctx.base.apply(ctx.strategy.base_delta(st.state))
-    return start_job(ctx, st.state, st.round, k, link, torch_seed_for(cfg.seed, 5, k, n), now)
+    return start_job(ctx, st.state, st.round, k, link, torch_seed_for(cfg.seed, Purpose.ASYNC_TRAIN, k, n), now)
 
 
 def _pack(jobs: dict[int, Job]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -59,7 +60,7 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     strategy = ctx.strategy
     assert isinstance(strategy, AsyncStrategy), f"{ctx.cfg.fl.strategy} has no on_arrival"
     cfg = ctx.cfg
-    active = strategy.select(0, len(ctx.data.clients), rng_for(cfg.seed, 4, 0))
+    active = strategy.select(0, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, 0))
     share: dict[int, int] = {}
     for k in active:  # every active device transmits now and then: each edge splits its band among them
         share[ctx.topology.devices[k].edge] = share.get(ctx.topology.devices[k].edge, 0) + 1

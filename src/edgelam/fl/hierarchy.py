@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import simpy
 
 from edgelam.fl.aggregate import weighted_average
-from edgelam.fl.context import Context, RunState
+from edgelam.fl.context import Context
+from edgelam.rundir import RunState
 from edgelam.fl.rounds import Job, start_job
 from edgelam.fl.strategies.base import GLOBAL, State, get_prefixed, put_prefixed
 from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.models.lora import serialize
 from edgelam.net import channel
 from edgelam.net.topology import draw_links
-from edgelam.store import rng_for, torch_seed_for
+from edgelam.store import Purpose, rng_for, torch_seed_for
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
         backhaul[1] += size
         yield env.timeout(backhaul_s(size))
         for t in range(strategy.kappa2):
-            links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, 7, round_idx, e, t))
+            links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, Purpose.EDGE_FADING, round_idx, e, t))
             trips = [start_job(ctx, put_prefixed(GLOBAL, model), round_idx, k, links[k],
-                               torch_seed_for(cfg.seed, 3, round_idx, k, t), env.now, train, device_net) for k in devices]
+                               torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t), env.now, train, device_net) for k in devices]
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
             model = weighted_average([j.update.state for j in trips], [j.update.num_samples for j in trips])

@@ -11,11 +11,12 @@ import simpy
 
 from edgelam.config import NetConfig, TrainConfig
 from edgelam.fl.client import ClientUpdate, local_train
-from edgelam.fl.context import Context, Prober, RunState
+from edgelam.fl.context import Context, Prober
+from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
 from edgelam.models.lora import serialize
 from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
-from edgelam.store import rng_for, torch_seed_for
+from edgelam.store import Purpose, rng_for, torch_seed_for
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ class RoundResult:
 def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> RoundResult:
     """Dispatch, train and collect the selected clients on the simulated clock (barrier or deadline)."""
     cfg = ctx.cfg
-    links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, 2, round_idx))
+    links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, Purpose.FADING, round_idx))
     arrived: dict[int, Job] = {}
-    jobs = {k: start_job(ctx, st.state, round_idx, k, links[k], torch_seed_for(cfg.seed, 3, round_idx, k), env.now)
+    jobs = {k: start_job(ctx, st.state, round_idx, k, links[k], torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k), env.now)
             for k in selected}
 
     def client(job: Job):  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ def large_scale_gain(cfg: NetConfig, d2d_m: float, rng: np.random.Generator) -> 
         los = bool(rng.random() < p_los)
         fn = {("uma", True): channel.path_loss_uma_los_db, ("uma", False): channel.path_loss_uma_nlos_db,
               ("umi", True): channel.path_loss_umi_los_db, ("umi", False): channel.path_loss_umi_nlos_db}
-        pl_db = fn[(cfg.path_loss, los)](d2d_m, cfg.carrier_ghz, cfg.bs_height_m, cfg.ut_height_m)
+        pl_db = fn[(cfg.path_loss, los)](d2d_m, cfg.carrier_ghz or 3.5, cfg.bs_height_m, cfg.ut_height_m)
         sigma = channel.SHADOWING_DB[(cfg.path_loss, los)]
     shadow_db = float(rng.normal(0.0, sigma)) if sigma > 0 else 0.0
     return channel.db_to_linear(-(pl_db + shadow_db))

@@ -1,9 +1,16 @@
-"""Registry of federated strategies: name -> class with ``from_config(fl, train)``."""
+"""Registry of strategies: name -> class with ``from_config(fl, train, seed)`` and a ``driver``.
+
+``config.STRATEGY_NAMES`` lists the same names (config validates against names, not code); a test
+keeps the two equal. ``build_strategy`` adds what every scheme shares (the configured ``reduce``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from edgelam.config import RunConfig
+from edgelam.fl.aggregate import REDUCERS
 from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
 from edgelam.fl.strategies.fedasync import FedAsync
@@ -17,6 +24,7 @@ from edgelam.fl.strategies.hetlora import HetLoRA
 from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.fl.strategies.ifca import IFCA
 from edgelam.fl.strategies.rescluster import ResourceClusters
+from edgelam.fl.strategies.sfl import SFLV1, SFLV2
 
 STRATEGIES: dict[str, Any] = {
     "fedavg": FedAvg,
@@ -32,6 +40,8 @@ STRATEGIES: dict[str, Any] = {
     "hetlora": HetLoRA,
     "flora": FLoRA,
     "flexlora": FlexLoRA,
+    "sfl_v1": SFLV1,
+    "sfl_v2": SFLV2,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -51,3 +61,9 @@ DESCRIPTIONS: dict[str, str] = {
     "sfl_v1": "split federated LoRA: one server-side copy per device, averaged each round (split.*, split.schedule.*)",
     "sfl_v2": "split federated LoRA: one shared server-side adapter updated in turn (split.*, split.schedule.*)",
 }
+
+
+def build_strategy(cfg: RunConfig) -> Any:
+    """The configured strategy, aggregating with ``fl.aggregator``."""
+    strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
+    return dataclasses.replace(strategy, reduce=REDUCERS[cfg.fl.aggregator])

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
 
-from edgelam.fl.aggregate import weighted_average
+from edgelam.fl.aggregate import Reduce, weighted_average
 
 State = dict[str, Tensor]
 Probe = Callable[[State], float]  # the client's loss on its own data under an adapter (charged to it)
@@ -50,6 +50,7 @@ class Population:
 
 class Strategy(Protocol):
     name: str
+    driver: ClassVar[str]  # which driver runs it: sync | async | hier | split (lifecycle.DRIVERS)
     prox_mu: float  # FedProx coefficient clients apply locally (0 = none)
 
     def init_state(self, adapter: State, pop: Population) -> State: ...
@@ -120,9 +121,11 @@ class Scheme:
     """Defaults every strategy shares, each overridable: one global adapter, uniform client
     sampling, plain transfers, a sample-weighted average. Strategies inherit this one level."""
 
+    driver: ClassVar[str] = "sync"
     fraction: float = 1.0
     name: str = "scheme"
     prox_mu: float = 0.0
+    reduce: Reduce = weighted_average  # fl.aggregator: how a set of states becomes one (fl/aggregate.py)
 
     def init_state(self, adapter: State, pop: Population) -> State:
         return put_prefixed(GLOBAL, adapter)
@@ -138,7 +141,7 @@ class Scheme:
         return adapter
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
-        avg = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+        avg = self.reduce([u.state for u in updates], [u.num_samples for u in updates])
         return replace_prefixed(state, GLOBAL, avg)
 
     def base_delta(self, state: State) -> State:
@@ -173,13 +176,13 @@ def with_assignment(state: State, updates: Sequence[Update]) -> State:
     return {**state, "assign": assign}
 
 
-def average_per_adapter(state: State, updates: Sequence[Update]) -> State:
+def average_per_adapter(state: State, updates: Sequence[Update], reduce: Reduce = weighted_average) -> State:
     """FedAvg inside each adapter (cluster): the updates that started from it, weighted by samples."""
     groups: dict[str, list[Update]] = {}
     for u in updates:
         groups.setdefault(u.adapter, []).append(u)
     for name, us in sorted(groups.items()):
-        state = replace_prefixed(state, name, weighted_average([u.state for u in us], [u.num_samples for u in us]))
+        state = replace_prefixed(state, name, reduce([u.state for u in us], [u.num_samples for u in us]))
     return state
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from edgelam.config import FLConfig, TrainConfig
-from edgelam.fl.aggregate import weighted_average
 from edgelam.fl.clustering import bipartition, cosine_matrix, delta, flatten
 from edgelam.fl.strategies.base import (
     Population,
@@ -66,7 +65,7 @@ class CFL(Scheme):
         state = {k: v for k, v in state.items() if not k.startswith("diag.")}
         for name, us in sorted(groups.items()):
             start = get_prefixed(state, name)
-            new = weighted_average([u.state for u in us], [u.num_samples for u in us])
+            new = self.reduce([u.state for u in us], [u.num_samples for u in us])
             state = replace_prefixed(state, name, new)
             if len(us) < 2:
                 continue
@@ -79,9 +78,9 @@ class CFL(Scheme):
                 _, second = bipartition(cosine_matrix(deltas))
                 newcomers = [us[i] for i in second]
                 fresh = cluster_name(n_clusters)
-                state = replace_prefixed(state, fresh, weighted_average([u.state for u in newcomers], [u.num_samples for u in newcomers]))
+                state = replace_prefixed(state, fresh, self.reduce([u.state for u in newcomers], [u.num_samples for u in newcomers]))
                 stay = [us[i] for i in range(len(us)) if i not in second]
-                state = replace_prefixed(state, name, weighted_average([u.state for u in stay], [u.num_samples for u in stay]))
+                state = replace_prefixed(state, name, self.reduce([u.state for u in stay], [u.num_samples for u in stay]))
                 assign = state["assign"].clone()
                 assign[[u.client for u in newcomers]] = n_clusters
                 state = {**state, "assign": assign}

@@ -7,8 +7,8 @@ versions the server advanced since the device read the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from edgelam.config import AsyncConfig, FLConfig, TrainConfig
 from edgelam.fl.aggregate import mix, staleness_weight
@@ -27,6 +27,7 @@ class FedAsync(Scheme):
     """FedAvg's selection (the active devices) and dispatch; aggregation on each arrival."""
 
     settings: AsyncConfig = AsyncConfig()
+    driver: ClassVar[str] = "async"
     name: str = "fedasync"
 
     @classmethod
@@ -37,6 +38,3 @@ class FedAsync(Scheme):
         s = self.settings
         alpha_t = s.alpha * staleness_weight(s.staleness, staleness, s.a, s.b)
         return replace_prefixed(state, GLOBAL, mix(get_prefixed(state, GLOBAL), update.state, alpha_t)), True
-
-    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
-        raise AssertionError("fedasync aggregates on arrival; the orchestrator calls on_arrival")

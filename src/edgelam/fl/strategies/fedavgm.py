@@ -27,13 +27,14 @@ from edgelam.fl.strategies.base import (
 class FedAvgM(Scheme):
     """FedAvg's selection and dispatch; the server steps with momentum instead of taking the average."""
 
-    server_lr: float = 1.0
+    server_lr: float = 1.0  # used when fl.server_lr is null (the default); with momentum 0 a FedAvg step
     momentum: float = 0.9
     name: str = "fedavgm"
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAvgM":
-        return cls(fraction=fl.fraction, server_lr=fl.server_lr, momentum=fl.server_momentum)
+        lr = cls.server_lr if fl.server_lr is None else fl.server_lr
+        return cls(fraction=fl.fraction, server_lr=lr, momentum=fl.server_momentum)
 
     def init_state(self, adapter: State, pop: Population) -> State:
         return put_prefixed(GLOBAL, adapter) | put_prefixed("velocity", zeros_like(adapter))

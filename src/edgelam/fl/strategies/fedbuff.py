@@ -6,8 +6,8 @@ a buffer; after K arrivals the server steps x <- x - eta_g * buffer / K and empt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +28,7 @@ from edgelam.fl.strategies.base import (
 @dataclass(frozen=True)
 class FedBuff(Scheme):
     settings: AsyncConfig = AsyncConfig()
+    driver: ClassVar[str] = "async"
     name: str = "fedbuff"
 
     @classmethod
@@ -47,6 +48,3 @@ class FedBuff(Scheme):
         new_global = buffered_step(get_prefixed(state, GLOBAL), buffer, count, s.server_lr)
         state = replace_prefixed(replace_prefixed(state, GLOBAL, new_global), "buffer", zeros_like(buffer))
         return state | {"buffered": torch.tensor(0)}, True
-
-    def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
-        raise AssertionError("fedbuff aggregates on arrival; the orchestrator calls on_arrival")

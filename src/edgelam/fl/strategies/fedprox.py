@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edgelam.config import ConfigError, FLConfig, TrainConfig
-from edgelam.fl.strategies.fedavg import FedAvg
+from edgelam.fl.strategies.base import Scheme
 
 
-class FedProx:
-    """Built as a FedAvg whose clients carry the proximal coefficient ``train.prox_mu``."""
+@dataclass(frozen=True)
+class FedProx(Scheme):
+    """FedAvg whose clients carry the proximal coefficient ``train.prox_mu`` (> 0)."""
 
-    @staticmethod
-    def from_config(fl: FLConfig, train: TrainConfig, seed: int = 0) -> FedAvg:
+    name: str = "fedprox"
+
+    @classmethod
+    def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedProx":
         if train.prox_mu <= 0:
             raise ConfigError(f"fl.strategy 'fedprox' needs train.prox_mu > 0 (got {train.prox_mu}); e.g. train.prox_mu=0.01")
-        return FedAvg(fraction=fl.fraction, name="fedprox", prox_mu=train.prox_mu)
+        return cls(fraction=fl.fraction, prox_mu=train.prox_mu)

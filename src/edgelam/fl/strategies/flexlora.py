@@ -3,7 +3,7 @@
 The server forms the full update dW = s * sum_k p_k B_k A_k, factors it by SVD, and each client
 starts the next round from the best rank-r_k approximation (the first r_k SVD components, padded
 to the model's r_max). Components whose factors are both zero are restarted from the LoRA init
-(A random, B = 0) so they can learn.
+(A random, B = 0) so they can learn. Keys other than the LoRA factors are averaged by samples.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from edgelam.config import FLConfig, RankConfig, TrainConfig
 from edgelam.fl.hetero import (
+    average_others,
     fill_dead_components,
     mask_rank,
     product_sum,
@@ -56,7 +57,8 @@ class FlexLoRA(Scheme):
         return upload_truncated(state, client, adapter)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
-        scaling = float(state["scaling"])
-        delta = product_sum([u.state for u in updates], [u.num_samples for u in updates], scaling)
+        scaling, samples = float(state["scaling"]), [u.num_samples for u in updates]
+        delta = product_sum([u.state for u in updates], samples, scaling)
         factors = svd_factors(delta, rank_of(get_prefixed(state, GLOBAL)), scaling)
+        factors |= average_others([u.state for u in updates], samples)
         return {k: v for k, v in state.items() if not k.startswith(GLOBAL + ".")} | put_prefixed(GLOBAL, factors)

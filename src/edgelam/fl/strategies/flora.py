@@ -4,7 +4,9 @@ Each round every client starts a fresh LoRA (the run's initial A, B = 0) of its 
 top of the base with all earlier rounds merged in. The server stacks the updates,
 B_s = [B_1 .. B_K], A_s = [p_1 A_1; ..; p_K A_K], so B_s A_s = sum_k p_k B_k A_k exactly, sends the
 stack down (sum r_k components: FLoRA's downlink grows with the number of clients) and every
-party merges s * B_s A_s into its base weights.
+party merges s * B_s A_s into its base weights. Keys other than the LoRA factors (a trainable head)
+are averaged by samples, travel with the stack and replace the init's, so the next round starts
+from them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from edgelam.config import FLConfig, RankConfig, TrainConfig
 from edgelam.fl.hetero import (
     A_SUFFIX,
     B_SUFFIX,
+    average_others,
     mask_rank,
     modules,
     product_sum,
@@ -65,8 +68,10 @@ class FLoRA(Scheme):
         stacked = {}
         for m, (b, a) in stack([u.state for u in updates], weights).items():
             stacked[m + ".B"], stacked[m + ".A"] = b, a
+        shared = average_others([u.state for u in updates], weights)
         rest = {k: v for k, v in state.items() if not k.startswith(("delta.", "stack."))}
-        return rest | put_prefixed("delta", {m: delta[m] + added[m] for m in delta}) | put_prefixed("stack", stacked)
+        return (rest | put_prefixed("delta", {m: delta[m] + added[m] for m in delta}) | put_prefixed("stack", stacked | shared)
+                | put_prefixed("init", shared))
 
     def base_delta(self, state: State) -> State:
         return get_prefixed(state, "delta")

@@ -9,6 +9,7 @@ aggregation is one round; ``fl/hierarchy.py`` runs the two tiers on the clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.strategies.base import Scheme
@@ -18,6 +19,7 @@ from edgelam.fl.strategies.base import Scheme
 class HierFAVG(Scheme):
     """FedAvg's selection, dispatch and (cloud) weighted average, with the two tier periods."""
 
+    driver: ClassVar[str] = "hier"
     kappa1: int = 2
     kappa2: int = 2
     name: str = "hierfavg"

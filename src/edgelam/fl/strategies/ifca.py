@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from edgelam.config import FLConfig, TrainConfig
-from edgelam.fl.aggregate import weighted_average
 from edgelam.fl.clustering import delta, flatten, kmeans
 from edgelam.fl.strategies.base import (
     Population,
@@ -62,10 +61,10 @@ class IFCA(Scheme):
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         if round_idx < self.warmup_rounds:
-            return average_per_adapter(state, updates)  # all trained cluster 0, the common init
+            return average_per_adapter(state, updates, self.reduce)  # all trained cluster 0, the common init
         if round_idx == self.warmup_rounds:
             return self._seed_clusters(state, updates)
-        return with_assignment(average_per_adapter(state, updates), updates)
+        return with_assignment(average_per_adapter(state, updates, self.reduce), updates)
 
     def _seed_clusters(self, state: State, updates: Sequence[Update]) -> State:
         init = get_prefixed(state, cluster_name(0))
@@ -76,7 +75,7 @@ class IFCA(Scheme):
         for j in range(self.num_clusters):
             members = [u for u, lab in zip(updates, labels) if lab == j]
             if members:
-                avg = weighted_average([u.state for u in members], [u.num_samples for u in members])
+                avg = self.reduce([u.state for u in members], [u.num_samples for u in members])
                 state = replace_prefixed(state, cluster_name(j), avg)
             for u in members:
                 assign[u.client] = j

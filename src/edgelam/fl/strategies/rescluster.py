@@ -52,7 +52,7 @@ class ResourceClusters(Scheme):
         return dispatch_assigned(state, client)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
-        return average_per_adapter(state, updates)
+        return average_per_adapter(state, updates, self.reduce)
 
     def adapters(self, state: State) -> dict[str, State]:
         return cluster_adapters(state)

@@ -1,0 +1,101 @@
+"""One run, whatever the scheme: open the folder, set up the driver, round 0, the rounds, the outputs.
+
+A driver (``fl.driver.FLDriver`` for sync / async / hierarchical schemes, ``split.driver.SplitDriver``
+for split learning) owns what happens inside a round; this module owns everything around it, so
+a resumed, a diverged or a finished run behaves the same for every scheme. The strategy registry
+says which driver a strategy runs on (``driver`` on each strategy class).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgelam.config import RunConfig, config_to_dict
+from edgelam.fl.driver import FLDriver
+from edgelam.fl.strategies import STRATEGIES
+from edgelam.report import plot_runs
+from edgelam.rundir import RunFolder, RunState
+from edgelam.split.driver import SplitDriver
+
+Commit = Callable[[dict[str, Any]], None]
+
+
+class Driver(Protocol):
+    """What the lifecycle needs from a driver; ``advance`` runs the rounds and calls ``commit`` after
+    each (with ``st`` already advanced), ``outputs`` writes adapters and returns summary fields."""
+
+    def initial_state(self) -> RunState: ...
+
+    def baseline(self, st: RunState) -> dict[str, Any]: ...
+
+    def evaluate(self, st: RunState) -> dict[str, Any]: ...
+
+    def diagnostics(self, st: RunState) -> dict[str, float]: ...
+
+    def advance(self, st: RunState, commit: Commit, wall: Callable[[], float]) -> None: ...
+
+    def outputs(self, st: RunState, folder: RunFolder) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+DRIVERS: dict[str, Callable[[RunConfig], Driver]] = {
+    "sync": FLDriver, "async": FLDriver, "hier": FLDriver, "split": SplitDriver,
+}
+
+
+def driver_for(cfg: RunConfig) -> Driver:
+    return DRIVERS[STRATEGIES[cfg.fl.strategy].driver](cfg)
+
+
+def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None = None,
+        on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` into the folder ``out``; returns the summary."""
+    t0 = time.perf_counter()
+    config = config_to_dict(cfg)
+    folder = RunFolder.open(out, config) if resume else RunFolder.create(out, config)
+    driver = driver_for(cfg)
+    try:
+        st = folder.resume(driver.initial_state)
+        wall_before = folder.rows[-1]["wall_s"] if folder.rows else 0.0
+
+        def wall() -> float:
+            return wall_before + time.perf_counter() - t0
+
+        if not folder.rows:  # round 0: the untrained adapter, so every curve starts from the base model
+            folder.commit(st, driver.baseline(st))
+        if on_start:
+            on_start(st.round, cfg.fl.rounds)
+
+        def commit(row: dict[str, Any]) -> None:
+            due = st.round % cfg.eval.every == 0 or st.round == cfg.fl.rounds
+            row |= driver.evaluate(st) if due else {"eval_loss": None, "eval_ppl": None, "eval_tasks": None}
+            diagnostics = driver.diagnostics(st)
+            if diagnostics:
+                row["diagnostics"] = diagnostics
+            folder.commit(st, row)
+            if on_round:
+                on_round(row)
+
+        driver.advance(st, commit, wall)
+        return finish(cfg, st, folder, driver.outputs(st, folder), wall())
+    finally:
+        driver.close()
+
+
+def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """summary.json (the driver's fields over the common ones) and plots/curves.png."""
+    rows = folder.rows
+    evaluated = [r for r in rows if r.get("eval_loss") is not None]
+    summary = {
+        "name": cfg.name, "strategy": cfg.fl.strategy, "model": cfg.model.name, "rounds": st.round,
+        "sim_time_s": st.sim_time_s, "final_eval_loss": evaluated[-1]["eval_loss"], "final_eval_ppl": evaluated[-1]["eval_ppl"],
+        "final_eval_tasks": evaluated[-1].get("eval_tasks"), "first_eval_loss": evaluated[0]["eval_loss"],
+        **{f"{k}_total": v for k, v in st.totals.items()}, "plot": str(folder.path / "plots" / "curves.png"), "wall_s": wall_s,
+    } | outputs
+    folder.write_summary(summary)
+    plot_runs([folder.path], folder.path / "plots" / "curves.png")
+    return summary

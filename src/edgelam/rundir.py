@@ -1,0 +1,291 @@
+"""The run folder, one lifecycle for every driver: config, metrics rows, checkpoint, adapters, summary, plots.
+
+    <out>/config.yaml                   the run's config as resolved (the one a resume reads)
+    <out>/metrics.jsonl                 one row per round, round 0 first; appended and fsync'd
+    <out>/state/checkpoint.safetensors  the RunState after the last committed round, with the
+                                        config it was made under (a resume refuses another one)
+    <out>/adapter/ | adapters/<name>/   PEFT-format adapters, swapped in whole
+    <out>/summary.json, plots/          written at the end
+
+The commit order is: append the row (fsync), then the checkpoint. A run killed at any point
+resumes from the checkpoint and drops the rows past it; a row missing before it, a damaged row
+or a changed config is refused with one line naming the problem, and no file is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from edgelam.store import atomic_write_bytes, atomic_write_text, to_json_line
+
+CHECKPOINT = "state/checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+# Settings a resumed run may change: how far it goes and what it prints at the end.
+RESUMABLE_KEYS = ("fl.rounds", "threads", "eval.generate", "eval.max_new_tokens")
+
+State = dict[str, Tensor]
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be created, resumed or written as asked."""
+
+
+class TrainingDiverged(RunFolderError):
+    """A loss became NaN or infinite: the round is not committed."""
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs beyond the config: saved after every committed round."""
+
+    round: int
+    sim_time_s: float
+    state: State  # the strategy's flat server state (adapters, optimizer moments, assignments)
+    totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "energy_j": 0.0})
+    aux: State = field(default_factory=dict)  # driver tensors (asynchronous: updates in flight; split: queues)
+    aux_meta: dict[str, Any] = field(default_factory=dict)  # driver facts (asynchronous: jobs in flight)
+
+
+def zero_row() -> dict[str, Any]:
+    """Round 0's metrics line before its evaluation: nothing trained, sent or spent yet."""
+    keys = ("bytes_up", "bytes_down", "bytes_backhaul_up", "bytes_backhaul_down", "energy_j")
+    zeros = {k: 0 for k in keys} | {f"{k}_total": 0 for k in keys}
+    return {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "train_loss": None, **zeros, "clients": [],
+            "client_stats": [], "wall_s": 0.0}
+
+
+# --- config fingerprint ---
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def pinned(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must keep, flattened to dotted keys."""
+    return {k: v for k, v in _flat(config).items() if k not in RESUMABLE_KEYS}
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(pinned(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_drift(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every pinned setting that differs."""
+    a, b = pinned(saved), pinned(now)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# --- checkpoint ---
+
+
+def save_checkpoint(path: Path, st: RunState, config: dict[str, Any]) -> None:
+    meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals, "aux": st.aux_meta,
+            "config": config, "fingerprint": fingerprint(config)}
+    tensors = {f"state.{k}": v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
+    tensors |= {f"aux.{k}": v.detach().clone() for k, v in st.aux.items()}
+    atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path) -> tuple[RunState, dict[str, Any] | None]:
+    """The saved state and the config it was made under (None for checkpoints older than that)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["edgelam"])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{path} is damaged ({type(exc).__name__}: {exc}); the run cannot resume from it. "
+                             f"Start a new run with --out, or restore the file") from None
+    part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
+    st = RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
+    return st, meta.get("config")
+
+
+# --- metrics rows ---
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, torn): every row of metrics.jsonl; only a damaged *last* line (a kill mid-write) is
+    dropped and reported as torn. A damaged line before it is an error naming the line."""
+    if not path.exists():
+        return [], False
+    lines = path.read_text(errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as exc:
+            if i == len(lines):
+                return rows, True
+            raise RunFolderError(f"{path} line {i} is damaged ({exc}); rows after it would be lost. Repair or remove "
+                                 f"that line by hand, or start a new run with --out") from None
+        rows.append(row)
+    return rows, False
+
+
+def _finite(x: Any) -> bool:
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers, and summary.json must parse anywhere."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj if _finite(obj) else None
+
+
+def check_finite(row: dict[str, Any]) -> None:
+    """Refuse to commit a round whose losses are NaN or infinite (training diverged)."""
+    bad = [k for k in ("train_loss", "eval_loss") if row.get(k) is not None and not _finite(row[k])]
+    if bad:
+        raise TrainingDiverged(
+            f"round {row['round']}: {' and '.join(bad)} became {row[bad[0]]} (training diverged); the round was not "
+            f"saved. Lower train.lr or set train.max_grad_norm, and start a new run")
+
+
+class RunFolder:
+    """One run's folder. ``create`` for a new run, ``open`` to resume; then ``start``, ``commit``
+    per round, ``replace_dir`` for adapters and ``write_summary`` at the end."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path, self.config = path, config
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, path: Path, config: dict[str, Any]) -> "RunFolder":
+        """A new run: ``path`` must not exist, or be an empty folder."""
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"--out {path} is a file, not a folder; choose a new folder name")
+        if path.is_dir() and (path / METRICS).exists():
+            raise RunFolderError(f"--out {path} already holds a run; resume it with `edgelam run --resume {path}` "
+                                 f"or choose another folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise RunFolderError(f"--out {path} is a folder with other files in it; a run writes config.yaml, summary.json "
+                                 f"and plots/ there and would overwrite them. Choose a new or empty folder")
+        folder = cls(path, config)
+        folder._write(lambda: atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False)))
+        return folder
+
+    @classmethod
+    def open(cls, path: Path, config: dict[str, Any]) -> "RunFolder":
+        if not (path / CONFIG).is_file():
+            raise RunFolderError(f"--resume {path}: no config.yaml there; is it an EdgeLAM run folder?")
+        return cls(path, config)
+
+    def _write(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except OSError as exc:
+            raise RunFolderError(f"cannot write the run folder {self.path}: {exc.strerror or exc} "
+                                 f"({exc.filename or self.path}); choose a writable --out") from None
+
+    # --- resume ---
+
+    def resume(self, initial: Callable[[], RunState]) -> RunState:
+        """The state to continue from (``initial()`` for a new run) and ``self.rows`` up to it."""
+        ckpt = self.path / CHECKPOINT
+        rows, torn = read_rows(self.path / METRICS)
+        if not ckpt.exists():
+            if rows:
+                raise RunFolderError(f"{ckpt} is missing but metrics.jsonl holds {len(rows)} rows; the run cannot resume. "
+                                     f"Restore the checkpoint, or start a new run with --out")
+            return initial()
+        st, saved = load_checkpoint(ckpt)
+        if saved is not None:
+            drift = config_drift(saved, self.config)
+            if drift:
+                raise RunFolderError(f"the config differs from the one {self.path} was started with ({'; '.join(drift[:4])}); "
+                                     f"a resumed run keeps its config (only {', '.join(RESUMABLE_KEYS)} may change). "
+                                     f"Start a new run with --out to change it")
+        kept = [r for r in rows if r["round"] <= st.round]
+        missing = sorted(set(range(st.round + 1)) - {r["round"] for r in kept})
+        if missing:
+            raise RunFolderError(f"{self.path / METRICS} lacks the rows of rounds {missing} although the checkpoint is at "
+                                 f"round {st.round}; resuming would leave a gap. Restore metrics.jsonl, or start a new run")
+        if torn or len(kept) != len(rows):  # drop rows past the checkpoint (recomputed identically) and a torn tail
+            self._write(lambda: atomic_write_text(self.path / METRICS, "".join(to_json_line(r) + "\n" for r in kept)))
+        self.rows = kept
+        return st
+
+    # --- commit ---
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one metrics row and fsync it: it is on disk before the checkpoint that follows."""
+        def write() -> None:
+            with open(self.path / METRICS, "a") as fh:
+                fh.write(to_json_line(json_safe(row)) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        self._write(write)
+        self.rows.append(row)
+
+    def checkpoint(self, st: RunState) -> None:
+        self._write(lambda: save_checkpoint(self.path / CHECKPOINT, st, self.config))
+
+    def commit(self, st: RunState, row: dict[str, Any]) -> None:
+        """A finished round: refuse NaN losses, then the row, then the checkpoint."""
+        check_finite(row)
+        self.append(row)
+        self.checkpoint(st)
+
+    # --- outputs ---
+
+    def replace_dir(self, rel: str, write: Callable[[Path], None]) -> Path:
+        """Write a folder (an adapter) under a temporary name, then swap it in whole."""
+        path = self.path / rel
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+        def go() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+
+        self._write(go)
+        return path
+
+    def write_bytes(self, rel: str, data: bytes) -> Path:
+        self._write(lambda: atomic_write_bytes(self.path / rel, data))
+        return self.path / rel
+
+    def write_text(self, rel: str, text: str) -> Path:
+        self._write(lambda: atomic_write_text(self.path / rel, text))
+        return self.path / rel
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        text = json.dumps(json_safe(summary), indent=2, sort_keys=True, allow_nan=False, default=_plain) + "\n"
+        self.write_text("summary.json", text)
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
