@@ -277,10 +277,17 @@ class FLConfig:
     # how a set of client states becomes one, at every aggregation site (fl/aggregate.py REDUCERS):
     # mean (weighted by samples) | median | trimmed_mean (coordinate-wise, Yin et al. 2018; unweighted)
     aggregator: str = "mean"
+    # transforms on each client's update before it is sent, in order (fl/transforms.py): clip | float16
+    uplink: tuple[str, ...] = ()
+    clip_norm: float = 1.0  # clip: the largest L2 norm of a client's delta (update - start)
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, "fl.strategy", list(STRATEGY_DRIVERS))
         _one_of(self.aggregator, "fl.aggregator", ["mean", "median", "trimmed_mean"])
+        for i, name in enumerate(self.uplink):
+            _one_of(name, f"fl.uplink[{i}]", ["clip", "float16"])
+        _require(len(set(self.uplink)) == len(self.uplink), "fl.uplink", "must not repeat a transform", list(self.uplink))
+        _require(self.clip_norm > 0, "fl.clip_norm", "must be > 0", self.clip_norm)
         _require(self.rounds >= 1, "fl.rounds", "must be >= 1", self.rounds)
         _require(0 < self.fraction <= 1, "fl.fraction", "must be in (0, 1]", self.fraction)
         _require(self.server_lr is None or self.server_lr > 0, "fl.server_lr", "must be > 0 or null", self.server_lr)
@@ -407,7 +414,7 @@ class RunConfig:
             return
         for key, value, default in (("fl.fraction", self.fl.fraction, 1.0), ("train.prox_mu", self.train.prox_mu, 0.0),
                                     ("net.server_tier", self.net.server_tier, "edge"), ("eval.generate", self.eval.generate, 0),
-                                    ("eval.client_heldout", self.eval.client_heldout, False)):
+                                    ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ())):
             _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
                      f"server trains the middle); leave it at {default!r}", value)
         if self.data.source in CLASSIFICATION_SOURCES:

@@ -1,19 +1,22 @@
-"""A client's local LoRA training: AdamW, warm-up + schedule, clipping, accumulation, FedProx term."""
+"""A client's local LoRA training: AdamW, warm-up + schedule, clipping, accumulation, FedProx term.
+What a batch is, its loss and its cost come from the run's task (``tasks/``); causal LM by default."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import Tensor
 
 from edgelam.config import TrainConfig
-from edgelam.data.format import Encoded, collate
-from edgelam.models.flops import FlopModel, lora_train_flops
+from edgelam.models.flops import FlopModel
 from edgelam.models.lora import AdapterState, get_adapter_state, set_adapter_state
+from edgelam.tasks.base import Task
+from edgelam.tasks.causal_lm import CausalLM
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def batches(data: list[Encoded], batch_size: int, generator: torch.Generator) -> Iterator[list[Encoded]]:
+def batches(data: Sequence[Any], batch_size: int, generator: torch.Generator) -> Iterator[list[Any]]:
     """Endless shuffled mini-batches, a new permutation each pass over the data."""
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
@@ -58,10 +61,12 @@ def num_local_steps(cfg: TrainConfig, n: int) -> int:
     return cfg.local_epochs * math.ceil(n / (cfg.batch_size * cfg.grad_accum))
 
 
-def local_train(model: PeftModel, global_state: AdapterState, data: list[Encoded], cfg: TrainConfig,
-                prox_mu: float, seed: int, pad_id: int, fm: FlopModel, client: int = 0) -> ClientUpdate:
-    """Start from ``global_state``, train on ``data``, return the new adapter state and what it cost."""
+def local_train(model: PeftModel, global_state: AdapterState, data: Sequence[Any], cfg: TrainConfig,
+                prox_mu: float, seed: int, pad_id: int, fm: FlopModel, client: int = 0, task: Task | None = None) -> ClientUpdate:
+    """Start from ``global_state``, train on ``data`` (the task's samples), return the new adapter
+    state and what it cost. ``task`` None: causal LM with ``pad_id`` (``pad_id`` is unused otherwise)."""
     assert data, f"client {client} has no training data"
+    task = task or CausalLM(pad_id)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
@@ -79,18 +84,15 @@ def local_train(model: PeftModel, global_state: AdapterState, data: list[Encoded
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(model.device) for k, v in collate(next(stream), pad_id).items()}
-            # Keep only the loss: holding the model output (logits, (B, T, V)) into the next
-            # forward costs fresh allocations of ~100 MB per step on SmolLM2.
-            task_loss: Tensor = model(**batch).loss
+            batch = {k: v.to(model.device) for k, v in task.collate(next(stream)).items()}
+            task_loss: Tensor = task.loss(model, batch)
             loss = task_loss / cfg.grad_accum
             if prox_mu > 0:
                 loss = loss + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) / cfg.grad_accum
             loss.backward()
             step_loss += float(task_loss.detach()) / cfg.grad_accum
-            b, t = batch["input_ids"].shape
-            tokens += b * t
-            flops += lora_train_flops(fm, b * t, t)
+            tokens += task.tokens(batch)
+            flops += task.work_flops(fm, batch)
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()

@@ -4,22 +4,23 @@ run state, evaluation under each adapter, and the frozen base weights a strategy
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from edgelam.config import RunConfig
-from edgelam.data.build import FederatedData, build_federated_data
-from edgelam.fl.evaluate import evaluate_tasks, loss_sum
+from edgelam.data.build import FederatedData
+from edgelam.fl.evaluate import evaluate_tasks, task_sums
 from edgelam.fl.strategies import build_strategy
 from edgelam.fl.strategies.base import GLOBAL, Population, State, Strategy
 from edgelam.models.flops import FlopModel, flop_model, forward_flops, lora_train_flops
-from edgelam.models.load import load_base
-from edgelam.models.lora import attach_lora, get_adapter_state, serialize, set_adapter_state
+from edgelam.models.lora import get_adapter_state, serialize, set_adapter_state
 from edgelam.net.topology import Topology, client_round_cost, expected_link, place_devices
 from edgelam.rundir import RunState, zero_row
 from edgelam.store import Purpose, rng_for
+from edgelam.tasks import Task, setup_task
+from edgelam.tasks.base import add_sums
 
 
 class Prober:
@@ -35,11 +36,11 @@ class Prober:
 
     def __call__(self, adapter: State) -> float:
         set_adapter_state(self.ctx.model, adapter)
-        total, count = loss_sum(self.ctx.model, self.data, self.ctx.cfg.eval.batch_size, self.ctx.pad_id)
+        sums = task_sums(self.ctx.task, self.ctx.model, self.data, self.ctx.cfg.eval.batch_size)
         self.bytes_down += len(serialize(adapter))
         width = max(len(e.input_ids) for e in self.data)
         self.flops += forward_flops(self.ctx.flops, width * len(self.data), width)
-        return total / max(count, 1)
+        return sums.get("loss_sum", 0.0) / max(sums.get("count", 0), 1)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Context:
     flops: FlopModel
     pad_id: int
     base: "BaseWeights"
+    task: Task  # what a sample is, the loss and the metrics (tasks/)
+    chain: list[Any] = field(default_factory=list)  # fl.uplink transforms (fl/transforms.py), set by the driver
+    executor: Any = None  # runs clients' work (fl/executor.py); None: in this process
 
 
 def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:
@@ -77,23 +81,24 @@ def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
     assignment = ctx.strategy.assignment(st.state, len(ctx.data.clients))
     by_task = task_adapters(ctx, assignment)
     out: dict[str, Any] = {"eval_tasks": {}}
-    total, count = 0.0, 0
+    total: dict[str, float] = {}
+    held: dict[str, float] = {}  # clients' held-out sums
     for name, adapter in adapters.items():
         set_adapter_state(ctx.model, adapter)
         tasks = {t: d for t, d in ctx.data.global_eval.items() if by_task[t] == name}
-        res = evaluate_tasks(ctx.model, tasks, ev.batch_size, ctx.pad_id, ev.max_per_task)
+        res = evaluate_tasks(ctx.task, ctx.model, tasks, ev.batch_size, ev.max_per_task)
         out["eval_tasks"] |= {t: {**v, "adapter": name} for t, v in res["eval_tasks"].items()}
-        total, count = total + res["loss_sum"], count + res["tokens"]
+        total = add_sums(total, res["sums"])
         if ev.client_heldout:
-            sums = [loss_sum(ctx.model, c.heldout, ev.batch_size, ctx.pad_id)
-                    for c in ctx.data.clients if c.heldout and assignment[c.id] == name]
-            out.setdefault("_held", []).extend(sums)
-    out["eval_loss"] = total / count if count else float("nan")
-    out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+            for c in ctx.data.clients:
+                if c.heldout and assignment[c.id] == name:
+                    held = add_sums(held, task_sums(ctx.task, ctx.model, c.heldout, ev.batch_size))
+    metrics = ctx.task.metrics(total)
+    out["eval_loss"] = metrics.pop("loss")
+    out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))  # every run reports one (lifecycle.finish, plots)
+    out |= {f"eval_{k}": v for k, v in metrics.items() if k != "ppl"}  # e.g. eval_accuracy
     if ev.client_heldout:
-        held = out.pop("_held", [])
-        tokens = sum(n for _, n in held)
-        out["client_eval_loss"] = sum(s for s, _ in held) / tokens if tokens else None
+        out["client_eval_loss"] = ctx.task.metrics(held)["loss"] if held.get("count") else None
     if len(adapters) > 1:
         out["assignment"] = assignment
     return out
@@ -103,13 +108,12 @@ def setup(cfg: RunConfig) -> Context:
     """Load the model (once per process), the data and the network for ``cfg``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
-    model = attach_lora(base.model, cfg.model.lora, seed=cfg.seed)
-    data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
+    ts = setup_task(cfg)  # the base model, its tokenizer and the clients' data, as the task defines them
+    model = ts.task.wrap(ts.base, cfg.model.lora, cfg.seed)
     strategy = build_strategy(cfg)
-    topology = place_devices(cfg.net, len(data.clients), rng_for(cfg.seed, Purpose.PLACEMENT))
-    return Context(cfg, model, base.tokenizer, data, topology, strategy, flop_model(model), int(base.tokenizer.pad_token_id),
-                   BaseWeights(model))
+    topology = place_devices(cfg.net, len(ts.data.clients), rng_for(cfg.seed, Purpose.PLACEMENT))
+    return Context(cfg, model, ts.tokenizer, ts.data, topology, strategy, flop_model(model), int(ts.tokenizer.pad_token_id),
+                   BaseWeights(model), ts.task)
 
 
 class BaseWeights:

@@ -19,6 +19,8 @@ from safetensors.torch import save
 from edgelam.config import RunConfig
 from edgelam.fl.context import Context, baseline_row, evaluate, population, setup, task_adapters
 from edgelam.fl.evaluate import generate_answers
+from edgelam.fl.executor import LocalExecutor
+from edgelam.fl.transforms import build_chain
 from edgelam.fl.events import run_async
 from edgelam.fl.hierarchy import run_hier_round
 from edgelam.fl.rounds import metrics_row, run_round
@@ -37,7 +39,6 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
     for r in range(st.round + 1, cfg.fl.rounds + 1):
         env = simpy.Environment(initial_time=st.sim_time_s)
         selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, r))
-        ctx.base.apply(ctx.strategy.base_delta(st.state))
         res = run_round(env, ctx, st, selected, r)
         new_state = ctx.strategy.aggregate(st.state, [j.update for j in res.jobs], r) if res.jobs else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
@@ -70,6 +71,8 @@ class FLDriver:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.ctx = setup(cfg)
+        self.ctx.chain = build_chain(cfg.fl)
+        self.ctx.executor = LocalExecutor(self.ctx)
 
     def initial_state(self) -> RunState:
         ctx = self.ctx

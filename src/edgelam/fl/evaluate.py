@@ -1,46 +1,50 @@
-"""Held-out evaluation: token-weighted loss and perplexity, overall and per task; sample answers."""
+"""Held-out evaluation through the run's task: summed loss (and the task's other sums) overall and
+per data task, turned into the task's metrics (causal LM: token-weighted loss and perplexity;
+classification: loss and accuracy per example); sample answers of a causal LM."""
 
 from __future__ import annotations
 
-import math
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgelam.data.format import IGNORE, Encoded, collate, prompt_ids
+from edgelam.data.format import Encoded, prompt_ids
 from edgelam.data.sources import Example
+from edgelam.tasks.base import Task, add_sums
+from edgelam.tasks.causal_lm import CausalLM
 
 
 @torch.no_grad()
-def loss_sum(model: PreTrainedModel, data: list[Encoded], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """(summed next-token cross-entropy over answer tokens, number of answer tokens)."""
-    total, count = 0.0, 0
+def task_sums(task: Task, model: Any, data: Sequence[Any], batch_size: int) -> dict[str, float]:
+    """The task's eval sums over ``data`` (``loss_sum``, ``count``, ...), in batches sorted by length."""
+    total: dict[str, float] = {}
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))  # less padding
     for i in range(0, len(order), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate([data[j] for j in order[i: i + batch_size]], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        labels = batch["labels"][:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                       ignore_index=IGNORE, reduction="sum"))
-        count += int((labels != IGNORE).sum())
-    return total, count
+        batch = {k: v.to(model.device) for k, v in task.collate([data[j] for j in order[i: i + batch_size]]).items()}
+        total = add_sums(total, task.eval_sums(model, batch))
+    return total
 
 
-def evaluate_tasks(model: PreTrainedModel, per_task: dict[str, list[Encoded]], batch_size: int, pad_id: int,
+def loss_sum(model: PreTrainedModel, data: list[Encoded], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """(summed next-token cross-entropy over answer tokens, number of answer tokens)."""
+    sums = task_sums(CausalLM(pad_id), model, data, batch_size)
+    return sums.get("loss_sum", 0.0), int(sums.get("count", 0))
+
+
+def evaluate_tasks(task: Task, model: Any, per_task: dict[str, list[Any]], batch_size: int,
                    max_per_task: int | None = None) -> dict[str, Any]:
-    """{'eval_loss', 'eval_ppl', 'eval_tasks': {task: {'loss', 'ppl'}}, 'loss_sum', 'tokens'}, token-weighted."""
+    """{'eval_tasks': {data task: task metrics}, 'sums': the added-up sums over every data task}."""
     tasks: dict[str, dict[str, float]] = {}
-    total, count = 0.0, 0
-    for task, data in per_task.items():
-        s, n = loss_sum(model, data[:max_per_task] if max_per_task else data, batch_size, pad_id)
-        if n:
-            tasks[task] = {"loss": s / n, "ppl": math.exp(min(s / n, 50.0))}
-        total, count = total + s, count + n
-    loss = total / count if count else float("nan")
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tasks": tasks, "loss_sum": total, "tokens": count}
+    total: dict[str, float] = {}
+    for name, data in per_task.items():
+        sums = task_sums(task, model, data[:max_per_task] if max_per_task else data, batch_size)
+        if sums.get("count"):
+            tasks[name] = task.metrics(sums)
+        total = add_sums(total, sums)
+    return {"eval_tasks": tasks, "sums": total}
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ def _dispatch(ctx: Context, st: RunState, k: int, counts: dict[int, int], share:
     cfg, dev = ctx.cfg, ctx.topology.devices[k]
     fading = float(rng_for(cfg.seed, Purpose.ASYNC_FADING, k, n).exponential(1.0)) if cfg.net.fading == "rayleigh" else 1.0
     link = link_state(cfg.net, dev, dev.large_scale_gain * fading, share[dev.edge])
-    ctx.base.apply(ctx.strategy.base_delta(st.state))
     return start_job(ctx, st.state, st.round, k, link, torch_seed_for(cfg.seed, Purpose.ASYNC_TRAIN, k, n), now)
 
 
@@ -58,7 +57,8 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
 def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], None], wall: Callable[[], float]) -> None:
     """Advance ``st`` until ``fl.rounds`` global versions exist, calling ``commit`` for each."""
     strategy = ctx.strategy
-    assert isinstance(strategy, AsyncStrategy), f"{ctx.cfg.fl.strategy} has no on_arrival"
+    if not isinstance(strategy, AsyncStrategy):
+        raise TypeError(f"{ctx.cfg.fl.strategy} runs on the async driver but has no on_arrival")
     cfg = ctx.cfg
     active = strategy.select(0, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, 0))
     share: dict[int, int] = {}

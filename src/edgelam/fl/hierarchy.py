@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import simpy
 
-from edgelam.fl.aggregate import weighted_average
 from edgelam.fl.context import Context
 from edgelam.rundir import RunState
-from edgelam.fl.rounds import Job, start_job
+from edgelam.fl.rounds import Job, start_jobs
 from edgelam.fl.strategies.base import GLOBAL, State, get_prefixed, put_prefixed
-from edgelam.fl.strategies.hierfavg import HierFAVG
 from edgelam.models.lora import serialize
 from edgelam.net import channel
 from edgelam.net.topology import draw_links
@@ -45,9 +43,8 @@ class HierResult:
 
 def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> HierResult:
     strategy = ctx.strategy
-    assert isinstance(strategy, HierFAVG), "hierarchical rounds need the hierfavg strategy"
     cfg = ctx.cfg
-    train = dataclasses.replace(cfg.train, local_steps=strategy.kappa1, local_epochs=None)
+    train = dataclasses.replace(cfg.train, local_steps=cfg.fl.hier.kappa1, local_epochs=None)
     device_net = dataclasses.replace(cfg.net, server_tier="edge")  # device legs end at the edge server
     members: dict[int, list[int]] = {}
     for k in selected:
@@ -64,13 +61,13 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
         size = len(serialize(model))
         backhaul[1] += size
         yield env.timeout(backhaul_s(size))
-        for t in range(strategy.kappa2):
+        for t in range(cfg.fl.hier.kappa2):
             links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, Purpose.EDGE_FADING, round_idx, e, t))
-            trips = [start_job(ctx, put_prefixed(GLOBAL, model), round_idx, k, links[k],
-                               torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t), env.now, train, device_net) for k in devices]
+            seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t) for k in devices}
+            trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
-            model = weighted_average([j.update.state for j in trips], [j.update.num_samples for j in trips])
+            model = strategy.reduce([j.update.state for j in trips], [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
         edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices))

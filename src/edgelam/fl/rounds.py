@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 import simpy
 
 from edgelam.config import NetConfig, TrainConfig
-from edgelam.fl.client import ClientUpdate, local_train
-from edgelam.fl.context import Context, Prober
+from edgelam.fl.client import ClientUpdate
+from edgelam.fl.context import Context
+from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
+from edgelam.fl.transforms import Trip, apply_chain, to_server
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
 from edgelam.models.lora import serialize
@@ -31,24 +34,47 @@ class Job:
     arrival_s: float
 
 
+def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train: TrainConfig | None = None) -> ClientWork:
+    """The server's side of a trip: what client ``k`` reads and trains, as plain data."""
+    strategy = ctx.strategy
+    name, start, payload = strategy.dispatch(k, state, version)
+    return ClientWork(k, version, name, start, payload, strategy.candidates(k, state, version), strategy.base_delta(state),
+                      seed, train or ctx.cfg.train, strategy.prox_mu)
+
+
+def uplink(ctx: Context, state: State, k: int, version: int, trained: State, start: State) -> State:
+    """What crosses the air: the ``fl.uplink`` transforms in order, then the strategy's upload."""
+    return ctx.strategy.upload(k, state, apply_chain(ctx.chain, trained, start, Trip(k, version)))
+
+
+def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], links: dict[int, LinkState],
+               seeds: dict[int, int], now: float, train: TrainConfig | None = None, net: NetConfig | None = None) -> list[Job]:
+    """Client trips: planned and priced from shapes, trained by the executor (all works at once, so a
+    pool can run them in parallel), each checked against its plan. Arrival times come from the plans
+    alone; training runs in zero simulated time."""
+    works = [make_work(ctx, state, version, k, seeds[k], train) for k in ks]
+    plans = []
+    for w in works:
+        shape = w.candidates[min(w.candidates)] if w.candidates else w.start
+        plans.append(plan_trip(ctx, w, uplink(ctx, state, w.client, version, shape, shape)))
+    results = (ctx.executor or LocalExecutor(ctx)).run(works)
+    jobs = []
+    for w, plan, res in zip(works, plans, results):
+        k = w.client
+        cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, plan.bytes_up, plan.flops)
+        sent = uplink(ctx, state, k, version, res.update.state, res.start)
+        got = (len(serialize(sent)), res.update.flops + res.probe_flops)
+        if got[0] != plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9):
+            raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
+                               f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
+        upd = dataclasses.replace(res.update, state=to_server(sent, res.start))  # the server sees only what crossed
+        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s))
+    return jobs
+
+
 def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float,
               train: TrainConfig | None = None, net: NetConfig | None = None) -> Job:
-    """Dispatch to client ``k``, train for real, and price the trip on its link.
-
-    The cost needs the real update size, so training runs first (in zero simulated time); the
-    caller's clock then waits out downlink, compute and uplink.
-    """
-    cfg = ctx.cfg
-    probe = Prober(ctx, k)
-    name, start, payload = ctx.strategy.dispatch(k, state, version, probe)
-    upd = local_train(ctx.model, start, ctx.data.clients[k].train, train or cfg.train, ctx.strategy.prox_mu, seed,
-                      ctx.pad_id, ctx.flops, client=k)
-    # the server sees only what crossed the uplink
-    upd = dataclasses.replace(upd, adapter=name, state=ctx.strategy.upload(k, state, upd.state))
-    bytes_down = probe.bytes_down or len(serialize(payload))
-    cost = client_round_cost(net or cfg.net, ctx.topology.devices[k], link, bytes_down, len(serialize(upd.state)),
-                             upd.flops + probe.flops)
-    return Job(k, version, start, upd, cost, now + cost.total_s)
+    return start_jobs(ctx, state, version, [k], {k: link}, {k: seed}, now, train, net)[0]
 
 
 @dataclass(frozen=True)
@@ -63,8 +89,10 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
     cfg = ctx.cfg
     links = draw_links(cfg.net, ctx.topology, selected, rng_for(cfg.seed, Purpose.FADING, round_idx))
     arrived: dict[int, Job] = {}
-    jobs = {k: start_job(ctx, st.state, round_idx, k, links[k], torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k), env.now)
-            for k in selected}
+    for transform in ctx.chain:
+        transform.on_cohort(selected, round_idx)
+    seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k) for k in selected}
+    jobs = {j.client: j for j in start_jobs(ctx, st.state, round_idx, selected, links, seeds, env.now)}
 
     def client(job: Job):  # type: ignore[no-untyped-def]
         yield env.timeout(job.cost.t_down_s)

@@ -7,7 +7,7 @@ prefix (``global.``, ``c0.``, ...); optimizer moments and cluster assignments si
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -17,7 +17,6 @@ from torch import Tensor
 from edgelam.fl.aggregate import Reduce, weighted_average
 
 State = dict[str, Tensor]
-Probe = Callable[[State], float]  # the client's loss on its own data under an adapter (charged to it)
 GLOBAL = "global"
 
 
@@ -52,14 +51,19 @@ class Strategy(Protocol):
     name: str
     driver: ClassVar[str]  # which driver runs it: sync | async | hier | split (lifecycle.DRIVERS)
     prox_mu: float  # FedProx coefficient clients apply locally (0 = none)
+    reduce: Reduce  # how a set of states becomes one (fl.aggregator)
 
     def init_state(self, adapter: State, pop: Population) -> State: ...
 
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]: ...
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
-        """(name, adapter the client starts from, payload that crosses the downlink); ``probe`` lets
-        the client choose by its own loss (IFCA), each probe charged to it."""
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
+        """(name, adapter the client starts from, payload that crosses the downlink)."""
+        ...
+
+    def candidates(self, client: int, state: State, round_idx: int) -> dict[str, State] | None:
+        """Adapters the client chooses among by its own loss (IFCA), all downloaded and probed on the
+        client's side (``fl/executor.py``); None: the client takes what ``dispatch`` gives."""
         ...
 
     def upload(self, client: int, state: State, adapter: State) -> State:
@@ -133,9 +137,12 @@ class Scheme:
     def select(self, round_idx: int, num_clients: int, rng: np.random.Generator) -> list[int]:
         return sample_clients(num_clients, self.fraction, rng)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         g = get_prefixed(state, GLOBAL)
         return GLOBAL, g, g
+
+    def candidates(self, client: int, state: State, round_idx: int) -> dict[str, State] | None:
+        return None
 
     def upload(self, client: int, state: State, adapter: State) -> State:
         return adapter

@@ -17,7 +17,6 @@ from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.clustering import bipartition, cosine_matrix, delta, flatten
 from edgelam.fl.strategies.base import (
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -55,7 +54,7 @@ class CFL(Scheme):
     def init_state(self, adapter: State, pop: Population) -> State:
         return {"assign": torch.zeros(pop.num_clients, dtype=torch.long)} | put_prefixed(cluster_name(0), adapter)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         return dispatch_assigned(state, client)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:

@@ -24,7 +24,6 @@ from edgelam.fl.hetero import (
 from edgelam.fl.strategies.base import (
     GLOBAL,
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -48,7 +47,7 @@ class FlexLoRA(Scheme):
         # "global" holds the rank-r_max SVD factors of the last aggregate (at first: the init)
         return init_ranks(adapter, pop, self.ranks) | put_prefixed("init", adapter) | put_prefixed(GLOBAL, adapter) | scale
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         g, r = get_prefixed(state, GLOBAL), client_rank(state, client)
         start = fill_dead_components(mask_rank(g, r), get_prefixed(state, "init"))
         return GLOBAL, start, truncate(start, r)

@@ -28,7 +28,6 @@ from edgelam.fl.hetero import (
 from edgelam.fl.strategies.base import (
     GLOBAL,
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -53,7 +52,7 @@ class FLoRA(Scheme):
         scale = {"scaling": adapter[next(iter(adapter))].new_tensor(pop.lora_scaling)}
         return init_ranks(adapter, pop, self.ranks) | put_prefixed("init", adapter) | put_prefixed("delta", zeros) | scale
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         init, r = get_prefixed(state, "init"), client_rank(state, client)
         stacked = get_prefixed(state, "stack")  # last round's B_s, A_s; the fresh init is known from the seed
         return GLOBAL, mask_rank(init, r), stacked or truncate(init, r)
@@ -70,8 +69,8 @@ class FLoRA(Scheme):
             stacked[m + ".B"], stacked[m + ".A"] = b, a
         shared = average_others([u.state for u in updates], weights)
         rest = {k: v for k, v in state.items() if not k.startswith(("delta.", "stack."))}
-        return (rest | put_prefixed("delta", {m: delta[m] + added[m] for m in delta}) | put_prefixed("stack", stacked | shared)
-                | put_prefixed("init", shared))
+        merged = {m: delta[m] + added[m] for m in delta}
+        return rest | put_prefixed("delta", merged) | put_prefixed("stack", stacked | shared) | put_prefixed("init", shared)
 
     def base_delta(self, state: State) -> State:
         return get_prefixed(state, "delta")

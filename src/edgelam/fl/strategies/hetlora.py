@@ -20,7 +20,6 @@ from edgelam.fl.hetero import average_others, is_lora, mask_rank, norm_weights, 
 from edgelam.fl.strategies.base import (
     GLOBAL,
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -43,7 +42,7 @@ class HetLoRA(Scheme):
     def init_state(self, adapter: State, pop: Population) -> State:
         return init_ranks(adapter, pop, self.ranks) | put_prefixed(GLOBAL, adapter)
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         g, r = get_prefixed(state, GLOBAL), client_rank(state, client)
         return GLOBAL, mask_rank(g, r), truncate(g, r)
 

@@ -19,7 +19,6 @@ from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.clustering import delta, flatten, kmeans
 from edgelam.fl.strategies.base import (
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -51,13 +50,14 @@ class IFCA(Scheme):
             state |= put_prefixed(cluster_name(j), adapter)
         return state
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
-        clusters = cluster_adapters(state)
-        if round_idx <= self.warmup_rounds:
-            return cluster_name(0), clusters[cluster_name(0)], clusters[cluster_name(0)]
-        losses = {name: probe(adapter) for name, adapter in clusters.items()}
-        best = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower cluster id
-        return best, clusters[best], clusters[best]  # the probes already downloaded every cluster
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
+        first = get_prefixed(state, cluster_name(0))  # warm-up: everyone trains the common init
+        return cluster_name(0), first, first
+
+    def candidates(self, client: int, state: State, round_idx: int) -> dict[str, State] | None:
+        """After warm-up the client downloads every cluster and trains the one with its lowest loss
+        (ties go to the lower cluster id); the executor probes, on the client's side."""
+        return None if round_idx <= self.warmup_rounds else cluster_adapters(state)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:
         if round_idx < self.warmup_rounds:

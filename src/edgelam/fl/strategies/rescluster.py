@@ -17,7 +17,6 @@ from edgelam.config import FLConfig, TrainConfig
 from edgelam.fl.clustering import kmeans
 from edgelam.fl.strategies.base import (
     Population,
-    Probe,
     Scheme,
     State,
     Update,
@@ -48,7 +47,7 @@ class ResourceClusters(Scheme):
             state |= put_prefixed(cluster_name(j), adapter)
         return state
 
-    def dispatch(self, client: int, state: State, round_idx: int, probe: Probe) -> tuple[str, State, State]:
+    def dispatch(self, client: int, state: State, round_idx: int) -> tuple[str, State, State]:
         return dispatch_assigned(state, client)
 
     def aggregate(self, state: State, updates: Sequence[Update], round_idx: int) -> State:

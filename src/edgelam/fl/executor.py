@@ -1,0 +1,113 @@
+"""Where clients' work runs: a trip's work is plain data (``ClientWork``), an executor turns works into
+results. ``LocalExecutor`` runs them one after another on this process's model; a pool of workers
+(one base model each, e.g. Ray actors) can run the same works elsewhere with identical results,
+because a work carries everything it depends on (start adapter, base delta, seed, settings).
+
+The cost of a trip is planned from shapes before any training (``plan_trip``: bytes down and up,
+FLOPs of the planned batches and probes) and checked against what training did, so the simulated
+clock never needs to wait on training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+from edgelam.config import TrainConfig
+from edgelam.data.format import collate
+from edgelam.fl.client import ClientUpdate, batches, local_train, num_local_steps
+from edgelam.fl.context import Context, Prober
+from edgelam.models.flops import FlopModel, forward_flops, lora_train_flops
+from edgelam.models.lora import serialize
+
+State = dict[str, torch.Tensor]
+PROBE_EXAMPLES = 16  # IFCA: a client's loss under each candidate on up to this many of its examples
+
+
+@dataclass(frozen=True)
+class ClientWork:
+    """One client's trip as plain data: what it reads, with what settings, and nothing shared."""
+
+    client: int
+    version: int  # the round / server version it reads
+    name: str  # the adapter it trains (when there is no choice)
+    start: State  # the adapter it starts from
+    payload: State  # what crosses the downlink (FLoRA: the stack)
+    candidates: dict[str, State] | None  # IFCA: adapters it probes and chooses among, all downloaded
+    base_delta: State  # dense delta in the base weights it trains on (FLoRA's merged rounds)
+    seed: int
+    train: TrainConfig
+    prox_mu: float
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    update: ClientUpdate  # the trained adapter, before the uplink transforms
+    start: State  # the adapter it started from (after choosing)
+    probe_flops: float
+
+
+@dataclass(frozen=True)
+class TripPlan:
+    bytes_down: int
+    bytes_up: int
+    flops: float  # training + probing
+
+
+class Executor(Protocol):
+    def run(self, works: Sequence[ClientWork]) -> list[ClientResult]: ...
+
+
+def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopModel, pad_id: int) -> float:
+    """The FLOPs ``local_train`` will do, from the batch shapes its seeded sampler will draw."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = batches(data, cfg.batch_size, gen)
+    total = 0.0
+    for _ in range(num_local_steps(cfg, len(data)) * cfg.grad_accum):
+        b, t = collate(next(stream), pad_id)["input_ids"].shape
+        total += lora_train_flops(fm, b * t, t)
+    return total
+
+
+def probe_flops(data: list[Any], fm: FlopModel, n_candidates: int) -> float:
+    width = max(len(e.input_ids) for e in data)
+    return n_candidates * forward_flops(fm, width * len(data), width)
+
+
+def plan_trip(ctx: Context, work: ClientWork, upload_shape: State) -> TripPlan:
+    """Bytes and FLOPs of ``work`` from shapes alone; ``upload_shape`` is what the chain and the
+    strategy's upload make of the start adapter (same names, shapes and dtypes as the real update)."""
+    data = ctx.data.clients[work.client].train
+    flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.pad_id)
+    if work.candidates:
+        down = sum(len(serialize(a)) for a in work.candidates.values())
+        flops += probe_flops(data[:PROBE_EXAMPLES], ctx.flops, len(work.candidates))
+    else:
+        down = len(serialize(work.payload))
+    return TripPlan(down, len(serialize(upload_shape)), flops)
+
+
+class LocalExecutor:
+    """Runs works in this process, on the run's one model, in order."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def run(self, works: Sequence[ClientWork]) -> list[ClientResult]:
+        return [self.run_one(w) for w in works]
+
+    def run_one(self, work: ClientWork) -> ClientResult:
+        ctx = self.ctx
+        ctx.base.apply(work.base_delta)
+        name, start, probed = work.name, work.start, 0.0
+        if work.candidates:
+            probe = Prober(ctx, work.client, PROBE_EXAMPLES)
+            losses = {n: probe(a) for n, a in work.candidates.items()}
+            name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
+            start, probed = work.candidates[name], probe.flops
+        upd = local_train(ctx.model, start, ctx.data.clients[work.client].train, work.train, work.prox_mu, work.seed,
+                          ctx.pad_id, ctx.flops, client=work.client)
+        return ClientResult(replace(upd, adapter=name), start, probed)
