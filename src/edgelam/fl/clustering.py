@@ -33,7 +33,8 @@ def cosine_matrix(vectors: Sequence[Tensor]) -> np.ndarray:
 def bipartition(similarity: np.ndarray) -> tuple[list[int], list[int]]:
     """Split into two groups by complete-linkage clustering on 1 - cosine (CFL's rule)."""
     n = similarity.shape[0]
-    assert n >= 2, "need at least two clients to split a cluster"
+    if n < 2:
+        raise ValueError(f"need at least two clients to split a cluster (got {n})")
     dist = np.clip(1.0 - similarity, 0.0, 2.0)
     np.fill_diagonal(dist, 0.0)
     labels = fcluster(linkage(squareform(dist, checks=False), method="complete"), t=2, criterion="maxclust")
@@ -52,7 +53,8 @@ def kmeans(features: np.ndarray, k: int, seed: int) -> list[int]:
 
 def purity(predicted: Sequence[object], truth: Sequence[object]) -> float:
     """Share of items whose predicted cluster's majority true label equals their own."""
-    assert len(predicted) == len(truth) and predicted, "need equal, non-empty label lists"
+    if not predicted or len(predicted) != len(truth):
+        raise ValueError(f"need equal, non-empty label lists (got {len(predicted)} and {len(truth)})")
     groups: dict[object, list[object]] = {}
     for p, t in zip(predicted, truth):
         groups.setdefault(p, []).append(t)

@@ -129,7 +129,8 @@ class BaseWeights:
         if not delta and not self.applied:
             return
         unknown = sorted(set(delta) - set(self.layers))[:3]
-        assert not unknown, f"base delta names modules the model does not adapt: {unknown}"
+        if unknown:
+            raise ValueError(f"base delta names modules the model does not adapt: {unknown}")
         with torch.no_grad():
             for name in delta:
                 if name not in self.original:

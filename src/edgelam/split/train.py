@@ -140,7 +140,9 @@ def train_round(ctx: SplitContext, r: int, st: RunState, plans: dict[int, Device
             res = step(sm, dev.parts, srv.parts["middle"], batch, cfg.split.act_codec, cfg.split.grad_codec)
             got_up = res.bytes.get("act_up", 0) + res.bytes.get("mask_up", 0) + res.bytes.get("grad_up", 0)
             got_down = res.bytes.get("feat_down", 0) + res.bytes.get("grad_down", 0)
-            assert (got_up, got_down) == (want.total(UP), want.total(DOWN)), "planned and sent bytes differ"
+            if (got_up, got_down) != (want.total(UP), want.total(DOWN)):
+                raise RuntimeError(f"device {k} step {s}: sent {(got_up, got_down)} bytes (up, down) but planned "
+                                   f"{(want.total(UP), want.total(DOWN))}; a planning bug, please report it")
             dev.update()
             srv.update()
             out.losses[k].append(res.loss)
