@@ -54,16 +54,22 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
     return jobs
 
 
+def edge_shares(ctx: Context, active: list[int]) -> dict[int, int]:
+    """Every active device transmits now and then: each edge server splits its band among its active devices."""
+    share: dict[int, int] = {}
+    for k in active:
+        share[ctx.topology.devices[k].edge] = share.get(ctx.topology.devices[k].edge, 0) + 1
+    return share
+
+
 def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], None], wall: Callable[[], float]) -> None:
     """Advance ``st`` until ``fl.rounds`` global versions exist, calling ``commit`` for each."""
     strategy = ctx.strategy
     if not isinstance(strategy, AsyncStrategy):
         raise TypeError(f"{ctx.cfg.fl.strategy} runs on the async driver but has no on_arrival")
-    cfg = ctx.cfg
-    active = strategy.select(0, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, 0))
-    share: dict[int, int] = {}
-    for k in active:  # every active device transmits now and then: each edge splits its band among them
-        share[ctx.topology.devices[k].edge] = share.get(ctx.topology.devices[k].edge, 0) + 1
+    rounds = ctx.cfg.fl.rounds
+    active = strategy.select(0, len(ctx.data.clients), rng_for(ctx.cfg.seed, Purpose.SELECT, 0))
+    share = edge_shares(ctx, active)
     counts = {int(k): int(v) for k, v in st.aux_meta.get("counts", {}).items()}
     in_flight = _unpack(st.aux, st.aux_meta.get("jobs", {}))
     env = simpy.Environment(initial_time=st.sim_time_s)
@@ -77,21 +83,23 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
         del in_flight[k]
         yield inbox.put(job)
 
+    def new_version() -> None:
+        row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(), staleness=[s for _, s in pending])
+        st.round, st.sim_time_s = st.round + 1, float(env.now)
+        st.aux, jobs_meta = _pack(in_flight)
+        st.aux_meta = {"counts": counts, "jobs": jobs_meta}
+        commit(row)
+        pending.clear()
+
     def server():  # type: ignore[no-untyped-def]
-        while st.round < cfg.fl.rounds:
+        while st.round < rounds:
             job: Job = yield inbox.get()
             staleness = st.round - job.version
             st.state, changed = strategy.on_arrival(st.state, job.update, job.start, staleness)
             pending.append((job, staleness))
             if changed:
-                row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(),
-                                  staleness=[s for _, s in pending])
-                st.round, st.sim_time_s = st.round + 1, float(env.now)
-                st.aux, jobs_meta = _pack(in_flight)
-                st.aux_meta = {"counts": counts, "jobs": jobs_meta}
-                commit(row)
-                pending.clear()
-            if st.round < cfg.fl.rounds:
+                new_version()
+            if st.round < rounds:
                 env.process(trip(job.client))  # straight back to work with the newest model
 
     for k in active:
