@@ -9,9 +9,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# Split-learning runs read SST-2 / AG News; CI has them beside the repository, a bare clone may not.
-needs_sst2 = pytest.mark.skipif(not (Path(os.environ.get("EDGELAM_DATA", SHARED_DATA)) / "sst2_agnews").is_dir(),
+
+
+def data_dir() -> Path:
+    """Where the real data sets are: $EDGELAM_DATA, else ../shared/data beside the repository."""
+    return Path(os.environ.get("EDGELAM_DATA", SHARED_DATA))
+
+
+# Only the tests of the SST-2 / AG News readers themselves need the real files.
+needs_sst2 = pytest.mark.skipif(not (data_dir() / "sst2_agnews").is_dir(),
                                 reason="SST-2 / AG News (sst2_agnews/) not found; set EDGELAM_DATA to the data folder")
+
+
+@pytest.fixture
+def split_source() -> str:
+    """The data.source of split-learning runs: SST-2 where it is found (CI), else EdgeLAM's
+    synthetic sentiment set (the same two classes), so a bare clone runs these tests too."""
+    return "sst2" if (data_dir() / "sst2_agnews" / "SST-2").is_dir() else "synthetic_sentiment"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from edgelam.data.build import build_federated_data, resolve_auto
 from edgelam.data.format import IGNORE, collate, encode
 from edgelam.data.sources import DataError, Example, load_dolly, load_file, task_from_filename
 
-from conftest import SHARED_DATA
+from conftest import data_dir
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -100,7 +100,7 @@ def test_auto_falls_back_to_synthetic(tmp_path, monkeypatch):
     assert "synthetic" in line
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dolly15k").is_dir(), reason="real Dolly split not beside the repository")
+@pytest.mark.skipif(not (data_dir() / "dolly15k").is_dir(), reason="real Dolly split not found; set EDGELAM_DATA")
 def test_real_dolly_presplit(tiny):
     split = load_dolly("dolly15k")
     assert len(split.clients) == 10 and len(split.global_test) == 80

@@ -97,25 +97,24 @@ def test_wire_bytes_are_read_off_the_encoded_tensors(codec: str, per_value: int)
         assert bool((err <= step_size / 2 + 1e-7).all())
 
 
-def _cfg(tmp_path, *overrides: str):
-    return load_config("configs/tiny_split.yaml", ["fl.rounds=2", *overrides])
+def _cfg(source: str, *overrides: str):
+    return load_config("configs/tiny_split.yaml", ["fl.rounds=2", f"data.source={source}", *overrides])
 
 
 def _rows(path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@needs_sst2
-def test_tiny_split_run_end_to_end(tmp_path) -> None:
+def test_tiny_split_run_end_to_end(tmp_path, split_source: str) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from edgelam.data.classification import build_classification, collate_labeled
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
     from edgelam.models.split import ClassifierHead, load_encoder
 
     out = tmp_path / "run"
-    summary = run(_cfg(tmp_path), out)
+    summary = run(_cfg(split_source), out)
     rows = _rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
@@ -142,7 +141,7 @@ def test_tiny_split_run_end_to_end(tmp_path) -> None:
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     head = ClassifierHead(64, 2, seed=0)
     head.linear.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(out / "adapter" / "classifier.safetensors").items()})
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(split_source)
     test = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task).test
     total, n = 0.0, 0
     with torch.no_grad():
@@ -155,12 +154,11 @@ def test_tiny_split_run_end_to_end(tmp_path) -> None:
     assert total / n == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
 
 
-@needs_sst2
-def test_sfl_v2_queues_for_the_shared_server_copy(tmp_path) -> None:
-    from edgelam.fl.orchestrator import run
+def test_sfl_v2_queues_for_the_shared_server_copy(tmp_path, split_source: str) -> None:
+    from edgelam.lifecycle import run
 
-    run(_cfg(tmp_path, "fl.strategy=sfl_v2", "split.schedule.policy=all"), tmp_path / "v2")
-    run(_cfg(tmp_path, "split.schedule.policy=all"), tmp_path / "v1")
+    run(_cfg(split_source, "fl.strategy=sfl_v2", "split.schedule.policy=all"), tmp_path / "v2")
+    run(_cfg(split_source, "split.schedule.policy=all"), tmp_path / "v1")
     v1, v2 = _rows(tmp_path / "v1"), _rows(tmp_path / "v2")
     assert v1[1]["clients"] == v2[1]["clients"] == list(range(6))
     # V2 serialises the server: somebody waits, the round is longer, and the trained model differs
@@ -172,24 +170,22 @@ def test_sfl_v2_queues_for_the_shared_server_copy(tmp_path) -> None:
     assert v2[1]["bytes_up"] == v1[1]["bytes_up"]
 
 
-@needs_sst2
-def test_int8_and_no_split(tmp_path) -> None:
-    from edgelam.fl.orchestrator import run
+def test_int8_and_no_split(tmp_path, split_source: str) -> None:
+    from edgelam.lifecycle import run
 
-    run(_cfg(tmp_path, "split.schedule.policy=all", "split.act_codec=int8"), tmp_path / "int8")
-    run(_cfg(tmp_path, "split.schedule.policy=all"), tmp_path / "f32")
-    run(_cfg(tmp_path, "split.schedule.policy=all", "split.cut=[0, 0]"), tmp_path / "nosplit")
+    run(_cfg(split_source, "split.schedule.policy=all", "split.act_codec=int8"), tmp_path / "int8")
+    run(_cfg(split_source, "split.schedule.policy=all"), tmp_path / "f32")
+    run(_cfg(split_source, "split.schedule.policy=all", "split.cut=[0, 0]"), tmp_path / "nosplit")
     i8, f32, ns = (_rows(tmp_path / d)[1]["bytes_by_kind"] for d in ("int8", "f32", "nosplit"))
     assert f32["act_up"] / i8["act_up"] == pytest.approx(4 * 64 / (64 + 4))  # 1 byte/value + a float32 scale per token
     assert i8["grad_up"] == f32["grad_up"]
     assert "act_up" not in ns and ns["adapters_up"] > f32["adapters_up"]  # the whole adapter travels, nothing else
 
 
-@needs_sst2
-def test_resume_after_a_crash_gives_the_same_run(tmp_path) -> None:
-    from edgelam.fl.orchestrator import run
+def test_resume_after_a_crash_gives_the_same_run(tmp_path, split_source: str) -> None:
+    from edgelam.lifecycle import run
 
-    cfg = _cfg(tmp_path, "fl.rounds=3")
+    cfg = _cfg(split_source, "fl.rounds=3")
     run(cfg, tmp_path / "straight")
 
     def crash(row: dict) -> None:
@@ -204,18 +200,19 @@ def test_resume_after_a_crash_gives_the_same_run(tmp_path) -> None:
     assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in b]
 
 
-def test_classification_data_needs_a_split_strategy() -> None:
-    with pytest.raises(ConfigError, match="sfl_v1"):
-        load_config("configs/tiny_split.yaml", ["fl.strategy=fedavg"])
+def test_classification_data_takes_the_classification_task() -> None:
+    # federated (non-split) strategies train classification data too, through tasks/classification.py
+    assert load_config("configs/tiny_split.yaml", ["fl.strategy=fedavg"]).task == "classification"
+    with pytest.raises(ConfigError, match="task does not fit data.source 'sst2'"):
+        load_config("configs/tiny_split.yaml", ["task=causal_lm"])
     with pytest.raises(ConfigError, match="split.schedule.policy"):
         load_config("configs/tiny_split.yaml", ["split.schedule.policy=best"])
 
 
-@needs_sst2
-def test_rounds_without_a_feasible_device_are_reported(tmp_path) -> None:
-    from edgelam.fl.orchestrator import run
+def test_rounds_without_a_feasible_device_are_reported(tmp_path, split_source: str) -> None:
+    from edgelam.lifecycle import run
 
-    run(_cfg(tmp_path, "split.schedule.t_max_s=1e-6"), tmp_path / "never")
+    run(_cfg(split_source, "split.schedule.t_max_s=1e-6"), tmp_path / "never")
     rows = _rows(tmp_path / "never")
     for r in rows[1:]:
         assert r["schedule"]["status"] == "infeasible" and r["schedule"]["scheduled"] == []
@@ -225,9 +222,9 @@ def test_rounds_without_a_feasible_device_are_reported(tmp_path) -> None:
 
 
 @needs_sst2
-def test_classification_data_sst2_and_agnews(tmp_path) -> None:
+def test_classification_data_sst2_and_agnews() -> None:
     from edgelam.config import DataConfig
-    from edgelam.data.classification import SOURCES, build_classification, read_tsv
+    from edgelam.data.classification import build_classification
     from edgelam.data.sources import DataError
     from edgelam.models.load import byte_tokenizer
 
@@ -241,9 +238,48 @@ def test_classification_data_sst2_and_agnews(tmp_path) -> None:
     sst = build_classification(DataConfig(source="sst2", num_clients=3, max_examples_per_client=8, partition="dirichlet",
                                           dirichlet_alpha=0.1), tok, seed=0, eval_max=None)
     assert len(sst.test) == 872 and sum(len(c) for c in sst.clients) == 24  # the labelled GLUE dev set
+    with pytest.raises(DataError, match="lower data.max_examples_per_client"):
+        build_classification(DataConfig(source="agnews", num_clients=2, max_examples_per_client=10**6), tok, 0, None)
+
+
+def test_malformed_tsv_line_is_named(tmp_path) -> None:
+    from edgelam.data.classification import SOURCES, read_tsv
+    from edgelam.data.sources import DataError
+
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\na fine line\t1\nno label here\n")
     with pytest.raises(DataError, match=r"bad.tsv:3: expected 'text<TAB>label'"):
         read_tsv(bad, SOURCES["sst2"])
-    with pytest.raises(DataError, match="lower data.max_examples_per_client"):
-        build_classification(DataConfig(source="agnews", num_clients=2, max_examples_per_client=10**6), tok, 0, None)
+
+
+def test_synthetic_classification_is_seeded_and_labelled_by_its_words() -> None:
+    from edgelam.config import CLASSIFICATION_SOURCES
+    from edgelam.data.classification import SOURCES, SYNTHETIC, synthetic_rows
+
+    assert set(CLASSIFICATION_SOURCES) == set(SOURCES) | set(SYNTHETIC)
+    for name, spec in SYNTHETIC.items():
+        rows = synthetic_rows(name, 200, seed=0, stream=0)
+        assert rows == synthetic_rows(name, 200, seed=0, stream=0)
+        assert rows != synthetic_rows(name, 200, seed=1, stream=0) and rows != synthetic_rows(name, 200, seed=0, stream=1)
+        assert {lab for _, lab in rows} == set(range(len(spec.classes)))
+        for text, lab in rows:  # two cue words of its own class, none of another: a bag of words decides
+            words = text.split()
+            assert [sum(w in cues for w in words) for cues in spec.cues] == [2 if c == lab else 0 for c in range(len(spec.classes))]
+
+
+def test_synthetic_classification_builds_like_sst2_and_agnews() -> None:
+    from edgelam.config import ConfigError, DataConfig
+    from edgelam.data.classification import build_classification
+    from edgelam.models.load import byte_tokenizer
+
+    tok = byte_tokenizer()
+    topics = build_classification(DataConfig(source="synthetic_topics", num_clients=4, max_examples_per_client=10,
+                                              partition="dirichlet", dirichlet_alpha=0.3, max_length=32), tok, seed=0, eval_max=20)
+    assert topics.classes == ("sports", "weather", "food", "music") and len(topics.test) == 20
+    assert sum(len(c) for c in topics.clients) == 40 and all(c for c in topics.clients)
+    assert all(0 <= e.label < 4 and 0 < len(e.input_ids) <= 32 for c in topics.clients for e in c)
+    sentiment = build_classification(DataConfig(source="synthetic_sentiment", num_clients=2, max_examples_per_client=8,
+                                                heldout_fraction=0.0), tok, seed=0, eval_max=None)
+    assert sentiment.classes == ("negative", "positive") and len(sentiment.test) == 500
+    with pytest.raises(ConfigError, match="data.heldout_fraction does not apply to classification data"):
+        build_classification(DataConfig(source="synthetic_sentiment", heldout_fraction=0.2), tok, seed=0, eval_max=None)

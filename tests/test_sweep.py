@@ -7,7 +7,6 @@ import pytest
 
 from edgelam.config import ConfigError
 from edgelam.sweep import load_sweep, time_to_loss
-from conftest import needs_sst2
 
 
 def test_time_to_loss():
@@ -44,15 +43,15 @@ def test_bad_sweep_files(repo, tmp_path):
         load_sweep(bad)
 
 
-@needs_sst2
-def test_split_sweep_reports_budgets_and_plots(repo, tmp_path):
+def test_split_sweep_reports_budgets_and_plots(repo, tmp_path, split_source):
     from edgelam.sweep import run_sweep
 
-    from edgelam.fl.orchestrator import run
+    from edgelam.lifecycle import run
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text(f"name: t\nbase: {repo / 'configs/tiny_split.yaml'}\ntarget: all\n"
-                     "variants:\n  lyap: [fl.rounds=2]\n  all: [fl.rounds=2, split.schedule.policy=all]\n")
+                     f"variants:\n  lyap: [fl.rounds=2, data.source={split_source}]\n"
+                     f"  all: [fl.rounds=2, data.source={split_source}, split.schedule.policy=all]\n")
     out = tmp_path / "out"
     run_sweep(sweep, out, lambda cfg, d, resume: run(cfg, d, resume))
     text = (out / "results.md").read_text()

@@ -370,11 +370,19 @@ class EvalConfig:
             _require(self.max_per_task >= 1, "eval.max_per_task", "must be >= 1 or null", self.max_per_task)
 
 
+# The task names (tasks/__init__.py TASKS holds the classes; a test keeps the two equal). Config
+# validates against these names and never imports task code.
+TASK_NAMES = ("causal_lm", "classification")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
     threads: int | None = None  # torch CPU threads (null = torch default)
+    # what is learned (tasks/): causal_lm | classification; auto = classification for a classification
+    # data.source (an encoder with a classifier head), else causal_lm. Resolved on construction.
+    task: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -388,9 +396,7 @@ class RunConfig:
         if self.eval.client_heldout is None:
             object.__setattr__(self.eval, "client_heldout", not split)
         self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
-        if self.data.source in CLASSIFICATION_SOURCES:
-            _require(split, "fl.strategy", f"must be one of {list(SPLIT_STRATEGIES)} for classification data "
-                     f"({self.data.source}); the split driver trains an encoder with a classifier", self.fl.strategy)
+        self._check_task()
         if split:
             _require(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for split learning", self.train.grad_accum)
             n = len(self.split.schedule.budget_per_device)
@@ -400,6 +406,20 @@ class RunConfig:
         if self.threads is not None:
             _require(self.threads >= 1, "threads", "must be >= 1 or null", self.threads)
         _require(self.seed >= 0, "seed", "must be an integer >= 0", self.seed)
+
+    def _check_task(self) -> None:
+        _one_of(self.task, "task", ["auto", *TASK_NAMES])
+        classification = self.data.source in CLASSIFICATION_SOURCES
+        if self.task == "auto":
+            object.__setattr__(self, "task", "classification" if classification else "causal_lm")
+        _require((self.task == "classification") == classification, "task", f"does not fit data.source "
+                 f"'{self.data.source}': classification trains on {list(CLASSIFICATION_SOURCES)}, causal_lm on text "
+                 f"data; leave task at 'auto' to follow data.source", self.task)
+        if self.task == "classification":
+            _require(self.model.dtype == "float32", "model.dtype", "must be float32 for task classification (an encoder)",
+                     self.model.dtype)
+            _require(self.eval.generate == 0, "eval.generate", "applies to task causal_lm only (a classifier has no "
+                     "answers to generate); set it to 0", self.eval.generate)
 
     def _check_driver_settings(self, driver: str) -> None:
         """Settings a driver would ignore are refused, not dropped silently."""

@@ -95,7 +95,8 @@ def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, A
         "sim_time_s": st.sim_time_s, "final_eval_loss": evaluated[-1]["eval_loss"], "final_eval_ppl": evaluated[-1]["eval_ppl"],
         "final_eval_tasks": evaluated[-1].get("eval_tasks"), "first_eval_loss": evaluated[0]["eval_loss"],
         **{f"{k}_total": v for k, v in st.totals.items()}, "plot": str(folder.path / "plots" / "curves.png"), "wall_s": wall_s,
-    } | outputs
+    } | {f"{when}_eval_accuracy": row["eval_accuracy"] for when, row in (("first", evaluated[0]), ("final", evaluated[-1]))
+         if row.get("eval_accuracy") is not None} | outputs  # classification tasks report accuracy
     folder.write_summary(summary)
     plot_runs([folder.path], folder.path / "plots" / "curves.png")
     return summary

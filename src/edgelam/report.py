@@ -127,7 +127,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     else:
         t.add_row("eval perplexity (final)", f"{summary['final_eval_ppl']:.2f}")
     for task, v in sorted((summary.get("final_eval_tasks") or {}).items()):
-        t.add_row(f"  ppl ({task})", f"{v['ppl']:.2f}")
+        if "accuracy" in v:  # a classification task's data set
+            t.add_row(f"  accuracy ({task})", f"{v['accuracy']:.4f}")
+        else:
+            t.add_row(f"  ppl ({task})", f"{v['ppl']:.2f}")
     t.add_row("simulated time", f"{summary['sim_time_s']:.1f} s")
     t.add_row("bytes up / down", f"{_mb(summary['bytes_up_total'])} / {_mb(summary['bytes_down_total'])}")
     t.add_row("device energy", f"{summary['energy_j_total']:.2f} J")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from edgelam.config import DataConfig
 from edgelam.data import partition, synthetic
-from edgelam.data.format import Encoded, encode
+from edgelam.data.format import encode
 from edgelam.data.sources import (
     DataError,
     Example,
@@ -27,9 +28,12 @@ from edgelam.store import Purpose, rng_for
 
 @dataclass(frozen=True)
 class ClientData:
+    """A client's samples, of the run's task's kind (tasks/): ``Encoded`` here (causal LM),
+    ``data.classification.Labeled`` for classification; each has ``input_ids`` and ``task``."""
+
     id: int
-    train: list[Encoded]
-    heldout: list[Encoded]
+    train: list[Any]
+    heldout: list[Any]
 
     @property
     def tasks(self) -> list[str]:
@@ -39,7 +43,7 @@ class ClientData:
 @dataclass(frozen=True)
 class FederatedData:
     clients: list[ClientData]
-    global_eval: dict[str, list[Encoded]]  # task -> encoded eval examples
+    global_eval: dict[str, list[Any]]  # data task -> encoded eval examples (the task's samples)
     eval_examples: dict[str, list[Example]]  # the same, as text (for generation)
     description: str
 

@@ -1,9 +1,11 @@
-"""Text classification data for split learning with an encoder: SST-2 and AG News (TSV files).
+"""Text classification data for split learning with an encoder: SST-2 and AG News (TSV files), or synthetic.
 
 Layout under $EDGELAM_DATA (see its README): ``sst2_agnews/SST-2/{train,test}.tsv`` with a
 ``sentence<TAB>label`` header and 0/1 labels (test.tsv is the labelled GLUE dev set), and
 ``sst2_agnews/agnews/{dev,test}.tsv`` without a header, ``text<TAB>class name`` (dev.tsv is a
 balanced sample of the training set). Clients draw from the training file, evaluation uses test.tsv.
+Without those files, ``synthetic_sentiment`` (2 classes, like SST-2) and ``synthetic_topics``
+(4, like AG News) generate a seeded set whose labels follow from cue words.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from edgelam.config import DataConfig
+from edgelam.config import ConfigError, DataConfig
 from edgelam.data import partition
+from edgelam.data.build import partition_or_explain
 from edgelam.data.sources import DataError, resolve_path
-from edgelam.store import rng_for
+from edgelam.store import Purpose, rng_for
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,65 @@ class Source:
     labels: dict[str, str]  # label as written in the file -> class name
 
 
+SYNTHETIC_TEST = 500  # test examples of a synthetic source when eval.max_per_task is null
+
 SOURCES = {
     "sst2": Source("sst2_agnews/SST-2", "train.tsv", "test.tsv", True, ("negative", "positive"),
                    {"0": "negative", "1": "positive"}),
     "agnews": Source("sst2_agnews/agnews", "dev.tsv", "test.tsv", False, ("World", "Sports", "Business", "Sci/Tech"),
                      {c: c for c in ("World", "Sports", "Business", "Sci/Tech")}),
 }
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """A seeded classification set whose label follows from its words: every sentence holds two
+    cue words of its class (the classes' cue lists are disjoint) in a neutral template."""
+    classes: tuple[str, ...]
+    cues: tuple[tuple[str, ...], ...]  # per class
+    neutral: tuple[str, ...]  # the {w} slot, shared by every class
+    templates: tuple[str, ...]  # with {a} and {b} (cue words) and {w}
+
+
+def _words(*groups: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(g.split()) for g in groups)
+
+
+# Offline stand-ins with the shapes of SST-2 (2 classes) and AG News (4 topics).
+SYNTHETIC = {
+    "synthetic_sentiment": Synthetic(
+        ("negative", "positive"),
+        _words("dull boring awful weak clumsy tedious bland messy painful lifeless",
+               "great moving clever warm brilliant charming lovely gripping funny superb"),
+        _words("film story plot cast ending script score movie sequel director")[0],
+        ("the {w} was {a} and {b} .", "a {a} , {b} {w} .", "i found the {w} {a} , even {b} .",
+         "{a} from start to end : a {b} {w} ."),
+    ),
+    "synthetic_topics": Synthetic(
+        ("sports", "weather", "food", "music"),
+        _words("goal match coach league striker referee stadium tournament",
+               "rain storm forecast snow wind sunshine thunder humidity",
+               "recipe soup bread pasta spice oven dessert flavor",
+               "guitar concert album melody drummer chorus singer rhythm"),
+        _words("today yesterday tonight lately downtown again abroad locally")[0],
+        ("news {w} : the {a} and the {b} .", "people talked about the {a} {w} , then the {b} .",
+         "a report on the {a} and a {b} {w} .", "{w} , the {b} came before the {a} ."),
+    ),
+}
+
+
+def synthetic_rows(name: str, n: int, seed: int, stream: int) -> list[tuple[str, int]]:
+    """``n`` (sentence, class index) rows of ``SYNTHETIC[name]``; the same for the same
+    (seed, stream): stream 0 trains, stream 1 tests."""
+    spec = SYNTHETIC[name]
+    rng = rng_for(seed, Purpose.CLASS_POOL, list(SYNTHETIC).index(name), stream)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(len(spec.classes)))
+        a, b = (str(w) for w in rng.choice(spec.cues[label], size=2, replace=False))
+        w = spec.neutral[int(rng.integers(len(spec.neutral)))]
+        rows.append((spec.templates[int(rng.integers(len(spec.templates)))].format(a=a, b=b, w=w), label))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -81,33 +137,50 @@ def tokenize(rows: list[tuple[str, int]], tokenizer: PreTrainedTokenizerBase, ma
     return [Labeled(tuple(i), lab, task) for i, (_, lab) in zip(ids, rows)]
 
 
-def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, eval_max: int | None) -> ClassData:
-    """Sample ``num_clients * max_examples_per_client`` training examples, partition them (iid or
-    Dirichlet over labels) and tokenize; the test set is ``eval_max`` examples of test.tsv (all if None)."""
+def _train_test(cfg: DataConfig, seed: int, want: int, eval_max: int | None
+                ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], tuple[str, ...], str]:
+    """(training rows, test rows, class names, where they come from)."""
+    if cfg.source in SYNTHETIC:
+        spec = SYNTHETIC[cfg.source]
+        test = synthetic_rows(cfg.source, eval_max or SYNTHETIC_TEST, seed, stream=1)
+        return synthetic_rows(cfg.source, want, seed, stream=0), test, spec.classes, f"EdgeLAM synthetic, seed {seed}"
     src = SOURCES[cfg.source]
     folder = resolve_path(cfg.path or src.folder)
-    train = read_tsv(folder / src.train, src)
-    test = read_tsv(folder / src.test, src)
+    return read_tsv(folder / src.train, src), read_tsv(folder / src.test, src), src.classes, str(folder / src.train)
+
+
+def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, eval_max: int | None) -> ClassData:
+    """Sample ``num_clients * max_examples_per_client`` training examples, partition them (iid or
+    Dirichlet over labels) and tokenize; the test set is ``eval_max`` examples of test.tsv (all if None).
+
+    There is no per-client held-out share: the split driver evaluates on the test set, so a
+    ``data.heldout_fraction`` other than its default or 0 is a ConfigError rather than ignored."""
+    if cfg.heldout_fraction not in (0.0, DataConfig.heldout_fraction):
+        raise ConfigError(f"data.heldout_fraction does not apply to classification data ({cfg.source}): split runs "
+                          f"evaluate on the source's test set (eval.max_per_task examples) and keep no per-client "
+                          f"held-out share; remove the key or set it to 0 (got {cfg.heldout_fraction})")
     per_client = cfg.max_examples_per_client or 64
     want = cfg.num_clients * per_client
+    train, test, classes, where = _train_test(cfg, seed, want, eval_max)
     if want > len(train):
-        raise DataError(f"{cfg.num_clients} clients x {per_client} examples = {want} > the {len(train)} in {folder / src.train}; "
+        raise DataError(f"{cfg.num_clients} clients x {per_client} examples = {want} > the {len(train)} in {where}; "
                         f"lower data.max_examples_per_client")
-    rng = rng_for(seed, 20)
+    rng = rng_for(seed, Purpose.CLASS_POOL)
     pool = [train[int(i)] for i in rng.choice(len(train), size=want, replace=False)]
-    labels = [src.classes[lab] for _, lab in pool]
+    labels = [classes[lab] for _, lab in pool]
+    part_rng = rng_for(seed, Purpose.CLASS_PARTITION)
     if cfg.partition == "dirichlet":
-        parts = partition.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, rng_for(seed, 21))
+        parts = partition_or_explain(lambda: partition.dirichlet(labels, cfg.num_clients, cfg.dirichlet_alpha, part_rng), cfg)
     elif cfg.partition == "iid":
-        parts = partition.iid(len(pool), cfg.num_clients, rng_for(seed, 21))
+        parts = partition.iid(len(pool), cfg.num_clients, part_rng)
     else:
         raise DataError(f"data.partition '{cfg.partition}' does not apply to {cfg.source}; use iid or dirichlet")
     if eval_max is not None and eval_max < len(test):
-        test = [test[int(i)] for i in sorted(rng_for(seed, 22).choice(len(test), size=eval_max, replace=False))]
+        test = [test[int(i)] for i in sorted(rng_for(seed, Purpose.CLASS_TEST).choice(len(test), size=eval_max, replace=False))]
     clients = [tokenize([pool[i] for i in part], tokenizer, cfg.max_length, cfg.source) for part in parts]
-    desc = (f"{cfg.source} ({folder}): {want} training examples over {cfg.num_clients} clients ({cfg.partition}), "
-            f"{len(test)} test examples, {len(src.classes)} classes")
-    return ClassData(clients, tokenize(test, tokenizer, cfg.max_length, cfg.source), src.classes, desc)
+    desc = (f"{cfg.source} ({where}): {want} training examples over {cfg.num_clients} clients ({cfg.partition}), "
+            f"{len(test)} test examples, {len(classes)} classes")
+    return ClassData(clients, tokenize(test, tokenizer, cfg.max_length, cfg.source), classes, desc)
 
 
 def collate_labeled(batch: list[Labeled], pad_id: int) -> dict[str, Tensor]:

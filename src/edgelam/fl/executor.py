@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import torch
 
 from edgelam.config import TrainConfig
-from edgelam.data.format import collate
 from edgelam.fl.client import ClientUpdate, batches, local_train, num_local_steps
 from edgelam.fl.context import Context, Prober
-from edgelam.models.flops import FlopModel, forward_flops, lora_train_flops
+from edgelam.models.flops import FlopModel, forward_flops
 from edgelam.models.lora import serialize
+from edgelam.tasks.base import Task
 
 State = dict[str, torch.Tensor]
 PROBE_EXAMPLES = 16  # IFCA: a client's loss under each candidate on up to this many of its examples
@@ -61,14 +61,13 @@ class Executor(Protocol):
     def run(self, works: Sequence[ClientWork]) -> list[ClientResult]: ...
 
 
-def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopModel, pad_id: int) -> float:
-    """The FLOPs ``local_train`` will do, from the batch shapes its seeded sampler will draw."""
+def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopModel, task: Task) -> float:
+    """The FLOPs ``local_train`` will do, from the batches its seeded sampler will draw (the task's work)."""
     gen = torch.Generator().manual_seed(seed)
     stream = batches(data, cfg.batch_size, gen)
     total = 0.0
     for _ in range(num_local_steps(cfg, len(data)) * cfg.grad_accum):
-        b, t = collate(next(stream), pad_id)["input_ids"].shape
-        total += lora_train_flops(fm, b * t, t)
+        total += task.work_flops(fm, task.collate(next(stream)))
     return total
 
 
@@ -81,7 +80,7 @@ def plan_trip(ctx: Context, work: ClientWork, upload_shape: State) -> TripPlan:
     """Bytes and FLOPs of ``work`` from shapes alone; ``upload_shape`` is what the chain and the
     strategy's upload make of the start adapter (same names, shapes and dtypes as the real update)."""
     data = ctx.data.clients[work.client].train
-    flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.pad_id)
+    flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.task)
     if work.candidates:
         down = sum(len(serialize(a)) for a in work.candidates.values())
         flops += probe_flops(data[:PROBE_EXAMPLES], ctx.flops, len(work.candidates))
@@ -109,5 +108,5 @@ class LocalExecutor:
             name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
             start, probed = work.candidates[name], probe.flops
         upd = local_train(ctx.model, start, ctx.data.clients[work.client].train, work.train, work.prox_mu, work.seed,
-                          ctx.pad_id, ctx.flops, client=work.client)
+                          ctx.pad_id, ctx.flops, client=work.client, task=ctx.task)
         return ClientResult(replace(upd, adapter=name), start, probed)

@@ -19,12 +19,16 @@ from edgelam.config import LoraConfig as LoraSettings
 AdapterState = dict[str, Tensor]
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0, task_type: str | None = "CAUSAL_LM") -> PeftModel:
+def attach_lora(model: nn.Module, settings: LoraSettings, seed: int = 0, task_type: str | None = "CAUSAL_LM",
+                modules_to_save: tuple[str, ...] = ()) -> PeftModel:
     """Wrap ``model`` with a LoRA adapter; the initial A matrices depend only on ``seed``.
-    ``task_type`` None wraps a bare backbone (an encoder for split learning)."""
+    ``task_type`` None wraps a bare backbone (an encoder for split learning, a task's own model).
+    ``modules_to_save`` names modules trained in full (a classification head): PEFT keeps a
+    trainable copy of each, and their weights join the adapter state, its bytes and saved files."""
     cfg = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules), task_type=task_type,
+        modules_to_save=list(modules_to_save) or None,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -1,0 +1,24 @@
+"""Tasks: one file each (``causal_lm.py``, ``classification.py``), the Protocol in ``base.py``.
+
+To add one: write ``tasks/<name>.py`` with a class that has ``setup(cfg) -> TaskSetup`` (a
+classmethod: load the base model, build the clients' data) and the ``Task`` verbs (collate, wrap,
+loss, eval_sums, metrics, work_flops, tokens); list it here and its name in ``config.TASK_NAMES``.
+"""
+
+from __future__ import annotations
+
+from edgelam.config import RunConfig
+from edgelam.tasks.base import Task, TaskFactory, TaskSetup
+from edgelam.tasks.causal_lm import CausalLM
+from edgelam.tasks.classification import Classification
+
+# config.TASK_NAMES lists the same names (config never imports task code); tests keep them equal.
+TASKS: dict[str, TaskFactory] = {"causal_lm": CausalLM, "classification": Classification}
+
+
+def setup_task(cfg: RunConfig) -> TaskSetup:
+    """The run's task (``cfg.task``, resolved from data.source when 'auto'), base model and data."""
+    return TASKS[cfg.task].setup(cfg)
+
+
+__all__ = ["TASKS", "Task", "TaskSetup", "setup_task"]
