@@ -19,7 +19,7 @@ def test_weighted_average_by_samples():
 
 
 def test_weighted_average_rejects_mismatched_keys():
-    with pytest.raises(AssertionError, match="same keys"):
+    with pytest.raises(ValueError, match="same keys"):
         aggregate.weighted_average([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
 
 
@@ -60,18 +60,32 @@ class _U:
 POP = Population(num_clients=2, flops_per_s=[1e9, 2e9], memory_gb=[4.0, 8.0], latency_s=[1.0, 2.0])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam"])
-def test_every_global_strategy_aggregates_towards_clients(name):
+# first step from 0 towards the clients' mean 2 (Delta = -2) with the default settings: FedAvg / FedProx
+# take the mean; FedAvgM v = -2, x = 0 - 1.0 * v = 2; FedAdam m = 0.1 * 2 = 0.2, v = 0.01 * 4 = 0.04,
+# x = 0.01 * 0.2 / (sqrt(0.04) + 1e-3) = 0.00995
+@pytest.mark.parametrize("name, want", [("fedavg", 2.0), ("fedprox", 2.0), ("fedavgm", 2.0), ("fedadam", 0.002 / 0.201)])
+def test_every_global_strategy_aggregates_towards_clients(name, want):
     train = TrainConfig(prox_mu=0.1)
     strat = STRATEGIES[name].from_config(FLConfig(strategy=name), train)
     state = strat.init_state({"w": torch.tensor([0.0])}, POP)
     assert set(strat.adapters(state)) == {"global"}
     new = strat.aggregate(state, [_U(1.0, 1), _U(3.0, 1, client=1)], 1)
-    assert float(strat.adapters(new)["global"]["w"]) > 0  # moves from 0 towards the clients' mean 2
-    name_, start, payload = strat.dispatch(0, new, 2, probe=lambda a: 0.0)
+    assert float(strat.adapters(new)["global"]["w"]) == pytest.approx(want, rel=1e-6)
+    name_, start, payload = strat.dispatch(0, new, 2)
     assert name_ == "global" and torch.equal(start["w"], strat.adapters(new)["global"]["w"]) and payload is start
 
 
 def test_fedprox_needs_mu():
     with pytest.raises(ConfigError, match="train.prox_mu"):
         STRATEGIES["fedprox"].from_config(FLConfig(strategy="fedprox"), TrainConfig())
+
+
+def test_fedadam_default_step_is_about_a_fedavg_step():
+    # fl.server_lr unset: FedAdam's own 1e-2. A LoRA-sized pseudo-gradient of 1e-3 moves each parameter
+    # 1e-2 * 1e-4 / (1e-4 + 1e-3) = 9.1e-4, about the FedAvg step 1e-3 (server_lr 1.0 would move it 0.09)
+    strat = STRATEGIES["fedadam"].from_config(FLConfig(strategy="fedadam"), TrainConfig())
+    state = strat.init_state({"w": torch.tensor([0.0])}, POP)
+    new = strat.aggregate(state, [_U(1e-3, 1)], 1)
+    assert float(strat.adapters(new)["global"]["w"]) == pytest.approx(1e-2 * 1e-4 / 1.1e-3, rel=1e-5)
+    assert STRATEGIES["fedadam"].from_config(FLConfig(strategy="fedadam", server_lr=0.5), TrainConfig()).server_lr == 0.5
+    assert STRATEGIES["fedavgm"].from_config(FLConfig(strategy="fedavgm"), TrainConfig()).server_lr == 1.0

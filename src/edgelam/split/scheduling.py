@@ -13,24 +13,31 @@ turn the budget into a per-round drift-plus-penalty problem
 
     min  V omega_t / N_t + sum_k Q_k a_k E_k(beta_k)   s.t.  T_k(beta_k) <= T_max,  sum beta_k <= 1,
 
-solved by: the least bandwidth meeting the deadline per device (bisection); for each n, the n
-devices cheapest at an equal share (never below their floor), the leftover band water-filled on
-sum Q_k E_k(beta_k) (convex, decreasing; bisection on the Lagrange multiplier; an empty queue
-counts as TIE_BREAK x the largest queue, so it still gets band by its value), and the objective
-of that exact allocation; the best n wins. Checked against brute force over device subsets.
+solved by: the least bandwidth meeting the deadline per device (bisection); then the device subset.
+For a fixed subset the leftover band is water-filled on sum Q_k E_k(beta_k) (convex, decreasing;
+bisection on the Lagrange multiplier; an empty queue counts as TIE_BREAK x the largest queue, so
+it still gets band by its value). Choosing the subset is knapsack-like (the deadline floors must
+fit in the band), so up to EXACT_MAX_DEVICES feasible devices every subset is searched: best
+first by a lower bound (each device alone given all the band the others' floors leave,
+V omega / n + sum Q_k E_k(1 - sum_{j != k} floor_j)), water-filling only the subsets whose bound
+beats the best objective so far. Exact up to the water-filling tolerance (the tests check it
+against SLSQP brute force on heterogeneous loads). Beyond that limit, a fallback: for each n, fill
+greedily by the cost at an equal share, skipping devices whose floor no longer fits. Ties go to
+more devices.
 The budget may be on latency instead of energy (``quantity = "latency"``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 LN2 = math.log(2.0)
 TIE_BREAK = 1e-3  # weight of an empty queue in the water-filling, relative to the largest queue
+EXACT_MAX_DEVICES = 16  # exhaustive subset search up to here (2^16 bounds, vectorised); greedy beyond
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,58 @@ def waterfill(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float]
     return betas
 
 
+def _quantity_vec(load: DeviceLoad, radio: Radio, beta: np.ndarray, quantity: str) -> np.ndarray:
+    """quantity_of for an array of shares beta > 0 (the subset bounds)."""
+    n0 = radio.noise_w_per_hz
+    w_up = beta * radio.uplink_hz
+    up = w_up * np.log2(1.0 + load.tx_power_w * load.gain / (w_up * n0))
+    if quantity == "energy":
+        return load.compute_energy_j + load.tx_power_w * load.up_bits / up
+    if not load.down_bits:
+        return load.compute_s + load.up_bits / up
+    w_down = beta * radio.downlink_hz
+    down = w_down * np.log2(1.0 + radio.server_power_w * load.gain / (w_down * n0))
+    return load.compute_s + load.up_bits / up + load.down_bits / down
+
+
+def _exact_candidates(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float], floors: Sequence[float],
+                      v_omega: float, quantity: str) -> Iterator[tuple[float, list[int]]]:
+    """Every subset whose floors fit in the band, with a lower bound on its objective, best first
+    (ties: more devices, then less band taken by floors). Bound: device k gets at most the band the
+    others' floors leave, 1 - F_S + floor_k, and E_k falls with its share."""
+    m = len(loads)
+    masks = np.arange(1, 1 << m)
+    bits = ((masks[:, None] >> np.arange(m)) & 1).astype(bool)  # (2^m - 1, m)
+    f = np.asarray(floors)
+    taken = bits @ f  # (2^m - 1,) sum of floors F_S
+    keep = taken <= 1.0 + 1e-12
+    bits, taken = bits[keep], taken[keep]
+    n = bits.sum(axis=1)
+    bound = v_omega / n
+    for k in range(m):
+        if queues[k] > 0:
+            most = np.maximum(1.0 - taken + f[k], f[k])
+            bound = bound + np.where(bits[:, k], queues[k] * _quantity_vec(loads[k], radio, most, quantity), 0.0)
+    for i in np.lexsort((taken, -n, bound)):
+        yield float(bound[i]), [int(k) for k in np.flatnonzero(bits[i])]
+
+
+def _greedy_candidates(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float], floors: Sequence[float],
+                       quantity: str) -> list[tuple[float, list[int]]]:
+    """Fallback beyond EXACT_MAX_DEVICES: for each n, the devices cheapest at an equal share (at least
+    their floor), skipping any whose floor no longer fits, until n are in. No bound (-inf)."""
+    out: list[tuple[float, list[int]]] = []
+    for n in range(1, len(loads) + 1):
+        cost = [queues[k] * quantity_of(loads[k], radio, max(floors[k], 1.0 / n), quantity) for k in range(len(loads))]
+        chosen: list[int] = []
+        for k in sorted(range(len(loads)), key=lambda k: (cost[k], floors[k], k)):
+            if len(chosen) < n and sum(floors[j] for j in chosen) + floors[k] <= 1.0 + 1e-12:
+                chosen.append(k)
+        if len(chosen) == n:
+            out.append((-math.inf, sorted(chosen)))
+    return out
+
+
 def lyapunov(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float], v: float, omega: float,
              t_max_s: float, quantity: str = "energy") -> Decision:
     """Solve the per-round drift-plus-penalty problem (module docstring); ``queues`` by device id."""
@@ -176,29 +235,36 @@ def lyapunov(loads: Sequence[DeviceLoad], radio: Radio, queues: Sequence[float],
             infeasible.append(ld.device)
         else:
             floors[ld.device] = b
-    by_id = {ld.device: ld for ld in loads}
     if not floors:
         return Decision("lyapunov", [], {}, sorted(infeasible), status="infeasible")
-    tie = TIE_BREAK * max([1.0] + [queues[k] for k in floors])
+    ids = sorted(floors)  # candidate positions 0..m-1 index into ids
+    by_id = {ld.device: ld for ld in loads}
+    cand_loads, cand_q, cand_f = [by_id[k] for k in ids], [queues[k] for k in ids], [floors[k] for k in ids]
+    tie = TIE_BREAK * max([1.0] + cand_q)
+    candidates: Iterable[tuple[float, list[int]]] = (
+        _exact_candidates(cand_loads, radio, cand_q, cand_f, v * omega, quantity) if len(ids) <= EXACT_MAX_DEVICES
+        else _greedy_candidates(cand_loads, radio, cand_q, cand_f, quantity))
     best: tuple[float, list[int], list[float]] | None = None
-    for n in range(1, len(floors) + 1):
-        # the n devices cheapest at an equal share (at least their floor), then the exact shares
-        cost = {k: queues[k] * quantity_of(by_id[k], radio, max(floors[k], 1.0 / n), quantity) for k in floors}
-        chosen = sorted(floors, key=lambda k: (cost[k], floors[k], k))[:n]
-        if sum(floors[k] for k in chosen) > 1.0 + 1e-12:
-            continue
+    for bound, subset in candidates:
+        slack = 1e-9 * max(1.0, abs(best[0])) if best else 0.0
+        if best is not None and bound > best[0] + slack:
+            break  # sorted by bound: nothing later can win
+        if best is not None and bound >= best[0] - slack and len(subset) <= len(best[1]):
+            continue  # at best a tie, and ties go to more devices
         # Devices with an empty queue are indifferent to the leftover band in the slot problem; a small
         # tie-break weight hands them their share of it by its value instead of leaving them at the floor.
-        betas = waterfill([by_id[k] for k in chosen], radio, [queues[k] + tie for k in chosen],
-                          [floors[k] for k in chosen], quantity)
-        j = v * omega / n + sum(queues[k] * quantity_of(by_id[k], radio, b, quantity) for k, b in zip(chosen, betas))
-        if best is None or j <= best[0] + 1e-12 * max(1.0, abs(best[0])):  # ties: more devices
-            best = (j, chosen, betas)
-    if best is None:  # no single device fits the band (cannot happen: floors <= 1)
-        return Decision("lyapunov", [], {}, sorted(infeasible), status="infeasible")
-    chosen, shares = best[1], dict(zip(best[1], best[2]))
+        betas = waterfill([cand_loads[i] for i in subset], radio, [cand_q[i] + tie for i in subset],
+                          [cand_f[i] for i in subset], quantity)
+        j = v * omega / len(subset) + sum(cand_q[i] * quantity_of(cand_loads[i], radio, b, quantity)
+                                          for i, b in zip(subset, betas))
+        tol = 1e-12 * max(1.0, abs(best[0])) if best else 0.0
+        if best is None or j < best[0] - tol or (j <= best[0] + tol and len(subset) > len(best[1])):
+            best = (j, subset, betas)
+    assert best is not None, "a single feasible device always fits the band (floor <= 1)"
+    chosen = [ids[i] for i in best[1]]
+    shares = dict(zip(chosen, best[2]))
     return Decision("lyapunov", sorted(chosen), {k: shares[k] for k in sorted(chosen)}, sorted(infeasible),
-                    objective=best[0], min_shares={k: floors[k] for k in sorted(floors)})
+                    objective=best[0], min_shares={k: floors[k] for k in ids})
 
 
 def baseline(policy: str, loads: Sequence[DeviceLoad], num_devices: int, rng: np.random.Generator) -> Decision:
