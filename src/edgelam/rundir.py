@@ -98,8 +98,10 @@ def config_drift(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def save_checkpoint(path: Path, st: RunState, config: dict[str, Any]) -> None:
+    # safetensors stores names sorted; the order is kept so a resumed run iterates (and so sums,
+    # e.g. a gradient norm over parameters) in the same order as the uninterrupted one
     meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals, "aux": st.aux_meta,
-            "config": config, "fingerprint": fingerprint(config)}
+            "config": config, "fingerprint": fingerprint(config), "order": {"state": list(st.state), "aux": list(st.aux)}}
     tensors = {f"state.{k}": v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
     tensors |= {f"aux.{k}": v.detach().clone() for k, v in st.aux.items()}
     atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
@@ -115,6 +117,8 @@ def load_checkpoint(path: Path) -> tuple[RunState, dict[str, Any] | None]:
         raise RunFolderError(f"{path} is damaged ({type(exc).__name__}: {exc}); the run cannot resume from it. "
                              f"Start a new run with --out, or restore the file") from None
     part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
+    order = meta.get("order", {})
+    part = {p: {k: part[p][k] for k in order.get(p, [])} | part[p] for p in part}
     st = RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
     return st, meta.get("config")
 
