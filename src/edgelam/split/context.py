@@ -3,6 +3,7 @@ will train, and from their shapes the exact bytes, FLOPs and the scheduler's per
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,8 +11,7 @@ from typing import Any
 import torch
 
 from edgelam.config import CLASSIFICATION_SOURCES, ConfigError, RunConfig
-from edgelam.data.classification import build_classification, collate_labeled
-from edgelam.data.format import collate
+from edgelam.data.build import resolve_auto
 from edgelam.fl.client import batches, num_local_steps
 from edgelam.models.split import SplitModel, build_split, is_encoder
 from edgelam.net import channel
@@ -20,6 +20,7 @@ from edgelam.split import scheduling
 from edgelam.split.scheduling import Decision, DeviceLoad, Radio
 from edgelam.split.step import DEV, DOWN, SRV, UP, StepPlan, plan
 from edgelam.store import Purpose, rng_for, torch_seed_for
+from edgelam.tasks import setup_task
 
 
 @dataclass
@@ -37,35 +38,23 @@ class SplitContext:
 
 
 def setup_split(cfg: RunConfig) -> SplitContext:
+    """The task's data and collation (``tasks/``), the model cut at ``split.cut``, devices and radio."""
     if cfg.net.num_edge_servers != 1:
         raise ConfigError("split learning runs against one edge server; set net.num_edge_servers: 1")
     encoder = is_encoder(cfg.model.name)
     if encoder != (cfg.data.source in CLASSIFICATION_SOURCES):
         raise ConfigError(f"model '{cfg.model.name}' with data.source '{cfg.data.source}': an encoder (tiny-encoder, minilm) "
-                          f"trains a classifier on sst2 / agnews; a decoder (tiny, smollm2, ...) a causal LM on text data")
+                          f"trains a classifier on {', '.join(CLASSIFICATION_SOURCES)}; a decoder (tiny, smollm2, ...) a "
+                          f"causal LM on text data")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    clients: list[list[Any]]
-    test: list[Any]
-    if encoder:
-        from edgelam.models.split import load_encoder
-
-        _, tok = load_encoder(cfg.model.name, cfg.seed if cfg.model.name == "tiny-encoder" else 0)
-        data = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task)
-        sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(data.classes), cfg.split.embedding_lora, cfg.seed)
-        pad = int(tok.pad_token_id)
-        clients, test, desc, classes = data.clients, data.test, data.description, data.classes
-        coll: Callable[[list[Any]], dict[str, torch.Tensor]] = lambda b: collate_labeled(b, pad)
-    else:
-        from edgelam.data.build import build_federated_data, resolve_auto
-
-        sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, 0, cfg.split.embedding_lora, cfg.seed, cfg.model.dtype)
-        fed = build_federated_data(resolve_auto(cfg.data)[0], sm.tokenizer, cfg.seed)
-        pad = int(sm.tokenizer.pad_token_id)
-        clients = [c.train for c in fed.clients]
-        test = [e for xs in fed.global_eval.values() for e in xs[: cfg.eval.max_per_task]]
-        desc, classes = fed.description, ()
-        coll = lambda b: collate(b, pad)  # noqa: E731
+    ts = setup_task(dataclasses.replace(cfg, data=resolve_auto(cfg.data)[0]))
+    classes: tuple[str, ...] = tuple(getattr(ts.task, "classes", ()))
+    sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes), cfg.split.embedding_lora, cfg.seed,
+                     cfg.model.dtype)
+    clients: list[list[Any]] = [c.train for c in ts.data.clients]
+    test = [e for xs in ts.data.global_eval.values() for e in xs[: cfg.eval.max_per_task]]
+    desc, coll = ts.data.description, ts.task.collate
     bs = cfg.eval.batch_size
     eval_batches = [coll(test[i: i + bs]) for i in range(0, len(test), bs)]
     topo = place_devices(cfg.net, len(clients), rng_for(cfg.seed, Purpose.PLACEMENT))

@@ -57,10 +57,11 @@ def classifier_model(backbone: nn.Module, num_classes: int, seed: int) -> Encode
 class Classification:
     name = "classification"
 
-    def __init__(self, pad_id: int, num_classes: int) -> None:
+    def __init__(self, pad_id: int, num_classes: int, classes: tuple[str, ...] = ()) -> None:
         if num_classes < 2:
             raise ConfigError(f"a classifier needs >= 2 classes (got {num_classes})")
         self.pad_id, self.num_classes = pad_id, num_classes
+        self.classes = classes or tuple(str(i) for i in range(num_classes))  # the class names, in label order
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
@@ -73,7 +74,7 @@ class Classification:
         cd = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task)
         clients = [ClientData(k, train=list(samples), heldout=[]) for k, samples in enumerate(cd.clients)]
         data = FederatedData(clients, {cfg.data.source: list(cd.test)}, {}, cd.description)
-        return TaskSetup(cls(int(tok.pad_token_id), len(cd.classes)), backbone, tok, data)
+        return TaskSetup(cls(int(tok.pad_token_id), len(cd.classes), tuple(cd.classes)), backbone, tok, data)
 
     def collate(self, samples: Sequence[Labeled]) -> Batch:
         return collate_labeled(list(samples), self.pad_id)
