@@ -4,7 +4,8 @@ exact resume with updates in flight, and the synchronous deadline baseline."""
 import pytest
 import torch
 
-from edgelam.config import AsyncConfig, FLConfig, TrainConfig, load_config
+from edgelam.config import AsyncConfig, FLConfig, TrainConfig
+from edgelam.config_load import load_config
 from edgelam.fl.aggregate import buffered_step, mix, staleness_weight
 from edgelam.lifecycle import run
 from edgelam.fl.strategies.base import Population

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgelam.config import ConfigError, config_from_dict, load_config
+from edgelam.config import ConfigError
+from edgelam.config_load import config_from_dict, load_config
 
 
 def test_overrides_and_types(repo):

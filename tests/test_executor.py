@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from edgelam.config import load_config
+from edgelam.config_load import load_config
 from edgelam.fl.driver import FLDriver
 from edgelam.fl.executor import planned_train_flops, plan_trip
 from edgelam.fl.rounds import make_work, uplink

@@ -133,7 +133,7 @@ def test_hetero_rank_runs_and_bytes_follow_rank(repo, tmp_path, strategy):
 
 
 def test_flora_gives_the_shared_base_model_back_unchanged(repo, tmp_path, tiny):
-    from edgelam.config import load_config
+    from edgelam.config_load import load_config
     from edgelam.lifecycle import run
 
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}

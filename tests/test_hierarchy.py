@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgelam.config import load_config
+from edgelam.config_load import load_config
 from edgelam.lifecycle import run
 from edgelam.store import read_jsonl
 

@@ -3,7 +3,8 @@
 import pytest
 from peft import PeftModel
 
-from edgelam.config import DataConfig, LoraConfig as LoraSettings, TrainConfig, config_from_dict
+from edgelam.config import DataConfig, LoraConfig as LoraSettings, TrainConfig
+from edgelam.config_load import config_from_dict
 from edgelam.data.build import build_federated_data
 from edgelam.fl.client import local_train
 from edgelam.fl.evaluate import loss_sum

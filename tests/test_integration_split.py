@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgelam.config import load_config
+from edgelam.config_load import load_config
 
 from test_split import _model, _split_vs_unsplit
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgelam.config import STRATEGY_DRIVERS, ConfigError, config_from_dict
+from edgelam.config import STRATEGY_DRIVERS, ConfigError
+from edgelam.config_load import config_from_dict
 from edgelam.fl.aggregate import REDUCERS, coordinate_median, trimmed_mean, weighted_average
 from edgelam.fl.strategies import STRATEGIES, build_strategy
 from edgelam.fl.transforms import Clip, HalfPrecision, Trip, delta_norm

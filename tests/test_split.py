@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from edgelam.config import ConfigError, LoraConfig, load_config
+from edgelam.config import ConfigError, LoraConfig
+from edgelam.config_load import load_config
 from edgelam.models.split import build_split
 from edgelam.split.step import leaves, plan, step
 from edgelam.split.wire import encode, wire_bytes

@@ -108,7 +108,7 @@ def test_non_lora_keys_are_averaged_by_samples(name):
 
 
 def test_fedadam_with_default_settings_does_not_blow_up(repo, tmp_path):
-    from edgelam.config import load_config
+    from edgelam.config_load import load_config
     from edgelam.lifecycle import run
 
     cfg = load_config(repo / "configs/tiny.yaml", ["fl.strategy=fedadam", "eval.generate=0"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edgelam.config import TASK_NAMES, ConfigError, DataConfig, LoraConfig as LoraSettings, TrainConfig, load_config
+from edgelam.config import TASK_NAMES, ConfigError, DataConfig, LoraConfig as LoraSettings, TrainConfig
+from edgelam.config_load import load_config
 from edgelam.data.build import build_federated_data
 from edgelam.data.classification import synthetic_rows, tokenize
 from edgelam.fl import hetero

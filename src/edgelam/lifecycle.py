@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgelam.config import RunConfig, config_to_dict
+from edgelam.config import RunConfig
+from edgelam.config_load import config_to_dict
 from edgelam.fl.driver import FLDriver
 from edgelam.fl.strategies import STRATEGIES
 from edgelam.report import plot_runs

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from edgelam.config import ConfigError, load_config
+from edgelam.config import ConfigError
+from edgelam.config_load import load_config
 from edgelam.report import plot_runs, plot_split
 from edgelam.store import atomic_write_text, read_jsonl
 
