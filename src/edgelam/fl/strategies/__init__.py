@@ -55,7 +55,8 @@ DESCRIPTIONS: dict[str, str] = {
     "fedasync": "asynchronous: mix each arriving update, alpha * s(staleness) (fl.asynchronous.*)",
     "fedbuff": "asynchronous: buffer K staleness-weighted deltas, then step (fl.asynchronous.buffer_size)",
     "hierfavg": "hierarchical: edge aggregation every kappa1 local steps, cloud every kappa2 edge rounds (fl.hier.*)",
-    "hetlora": "heterogeneous ranks (fl.rank.ranks, rule), zero-padding aggregation",
+    "hetlora": "heterogeneous ranks (fl.rank.ranks, rule); zero-padded factors weighted by ||B_k A_k||_F "
+               "(fl.rank.aggregation: norm; samples = zero-padding FedAvg), rank self-pruning (fl.rank.prune_gamma)",
     "flora": "heterogeneous ranks, stacking: exact sum of B_k A_k merged into the base each round",
     "flexlora": "heterogeneous ranks, SVD of the aggregated update redistributed at each client's rank",
     "sfl_v1": "split federated LoRA: one server-side copy per device, averaged each round (split.*, split.schedule.*)",
