@@ -160,7 +160,8 @@ def resolve_auto(cfg: DataConfig) -> tuple[DataConfig, str]:
 
 def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> FederatedData:
     """Load, partition, split held-out data and tokenize, all determined by ``seed``."""
-    assert cfg.source != "auto", "resolve data.source 'auto' with resolve_auto() first"
+    if cfg.source == "auto":
+        raise ValueError("resolve data.source 'auto' with data.build.resolve_auto() first")
     presplit, pool, evals, desc = _source(cfg, seed)
     pool, dropped = _drop_empty(pool)
     evals, dropped_eval = _drop_empty(evals)

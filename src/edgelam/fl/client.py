@@ -65,7 +65,8 @@ def local_train(model: PeftModel, global_state: AdapterState, data: Sequence[Any
                 prox_mu: float, seed: int, pad_id: int, fm: FlopModel, client: int = 0, task: Task | None = None) -> ClientUpdate:
     """Start from ``global_state``, train on ``data`` (the task's samples), return the new adapter
     state and what it cost. ``task`` None: causal LM with ``pad_id`` (``pad_id`` is unused otherwise)."""
-    assert data, f"client {client} has no training data"
+    if not data:
+        raise ValueError(f"client {client} has no training data; use fewer clients or another data.partition")
     task = task or CausalLM(pad_id)
     set_adapter_state(model, global_state)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -57,7 +57,8 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
         raise ValueError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
-    assert not unexpected, f"PEFT rejected adapter keys {unexpected[:3]}"
+    if unexpected:
+        raise ValueError(f"PEFT rejected adapter keys {unexpected[:3]}")
 
 
 def num_params(state: AdapterState) -> int:
