@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from edgelam.config import ConfigError, RunConfig
 from edgelam.config import LoraConfig as LoraSettings
-from edgelam.data.build import build_federated_data
+from edgelam.data.build import build_federated_data, resolve_auto
 from edgelam.data.format import IGNORE, Encoded, collate
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import load_base
@@ -37,7 +37,7 @@ class CausalLM:
             raise ConfigError(f"model.name '{cfg.model.name}' is an encoder; task causal_lm needs a causal LM "
                               f"(tiny, smollm2, a Hugging Face id); an encoder trains task classification")
         base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
-        data = build_federated_data(cfg.data, base.tokenizer, cfg.seed)
+        data = build_federated_data(resolve_auto(cfg.data)[0], base.tokenizer, cfg.seed)  # the Python API may pass auto
         return TaskSetup(cls(int(base.tokenizer.pad_token_id)), base.model, base.tokenizer, data)
 
     def collate(self, samples: Sequence[Encoded]) -> Batch:
