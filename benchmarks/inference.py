@@ -12,8 +12,12 @@ Measured in one run, side by side, on the bundled SmolLM2-135M-Instruct (greedy,
    acceptance rate, per-token latency, speed-up, and the RTT where drafting stops paying.
 
 Every "node" is a process on this machine (2 CPU cores): compute figures are this CPU's.
+``--repeats`` applies to the hop-overhead microbenchmark (1.) only. Each pipeline and speculative
+cell (2., 3.) is one generation unless ``--cell-repeats N`` repeats it: then each figure is the
+median of N runs and ``<figure>_min`` / ``<figure>_max`` give the spread.
 
     .venv/bin/python benchmarks/inference.py --tokens 24 --out benchmarks/inference.png
+    .venv/bin/python benchmarks/inference.py --tokens 24 --cell-repeats 5 --out benchmarks/inference_r5.png
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from edgelam.infer.client import HttpTransport, LinkShaper, LocalTransport, Stage
 from edgelam.infer.modules import ModuleHost, ModuleSpec
 from edgelam.infer.pipeline import Generation, Pipeline, prompt_ids
-from edgelam.infer.speculative import AdaptiveGamma, Speculative, SpecStats
+from edgelam.infer.speculative import AdaptiveGamma, SpecStats, Speculative
 from edgelam.infer.topology import start_service, wait_ready
 from edgelam.models.load import load_base
 
@@ -58,12 +62,35 @@ def hop_overhead(model: str, repeats: int) -> dict[str, float]:
         svc.kill()
 
 
+def summarize(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Per key: the median of the samples, and ``<key>_min`` / ``<key>_max`` (the spread)."""
+    out: dict[str, float] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out |= {key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)}
+    return out
+
+
 def run_pipeline(model: str, ranges: list[tuple[int, int]], urls: dict[tuple[int, int], str] | None, link: LinkShaper | None,
                  ids: list[int], n: int) -> Generation:
     local = lambda spec: Stage(str(spec), [LocalTransport(ModuleHost(model, spec))])  # noqa: E731
     blocks = [Stage(f"{a}:{b}", [HttpTransport(urls[(a, b)], f"{a}:{b}", link)]) if urls else local(ModuleSpec("blocks", a, b))
               for a, b in ranges]
     return Pipeline(local(ModuleSpec("embed")), blocks, local(ModuleSpec("head"))).generate(ids, n)
+
+
+def per_token(st: SpecStats) -> float:
+    return (st.token_times[-1] - st.token_times[0]) / (len(st.token_times) - 1)
+
+
+def speculative_cell(draft: LocalTransport, up: HttpTransport, ids: list[int], n: int, reference: list[int]) -> dict[str, float]:
+    """One run of upstream-only and speculative decoding at one RTT (the speed-up is per run)."""
+    plain = Speculative(draft, up, AdaptiveGamma(fixed=0)).generate(ids, n)
+    spec: SpecStats = Speculative(draft, up, AdaptiveGamma(gamma_max=8)).generate(ids, n)
+    assert spec.tokens == plain.tokens == reference, "speculative decoding changed the answer"
+    return {"upstream_only_per_token_ms": per_token(plain) * 1e3, "speculative_per_token_ms": per_token(spec) * 1e3,
+            "speedup": per_token(plain) / per_token(spec), "acceptance": spec.acceptance,
+            "mean_gamma": sum(spec.gammas) / len(spec.gammas), "ttft_ms": spec.token_times[0] * 1e3}
 
 
 def main() -> None:
@@ -76,16 +103,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--draft-blocks", default="20,28,30",
                     help="comma-separated K of the device draft full:K (K = all blocks: the target itself, an oracle draft)")
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=50, help="calls in the hop-overhead microbenchmark (median)")
+    ap.add_argument("--cell-repeats", type=int, default=1,
+                    help="generations per pipeline / speculative cell: median and min..max (default 1: a single run)")
     ap.add_argument("--out", default="benchmarks/inference.png")
     args = ap.parse_args()
+    if args.cell_repeats < 1:
+        ap.error("--cell-repeats must be >= 1")
     base = load_base(args.model, "float32", 0)
     L = int(base.model.config.num_hidden_layers)
     hidden_bytes = int(base.model.config.hidden_size) * 4
     ids = prompt_ids(base.tokenizer, PROMPT)
     n = args.tokens
     res: dict[str, Any] = {"model": args.model, "prompt_tokens": len(ids), "new_tokens": n,
-                           "threads": torch.get_num_threads()}
+                           "threads": torch.get_num_threads(), "cell_repeats": args.cell_repeats}
 
     res["hop"] = hop_overhead(args.model, args.repeats)
     print("per-hop software overhead (loopback):", res["hop"])
@@ -106,15 +137,17 @@ def main() -> None:
                 if label == "single process" and rtt_ms:
                     continue
                 link = LinkShaper(rtt_ms / 1e3, rate_mbps * 1e6) if rtt_ms else None
-                gen = single if label == "single process" else run_pipeline(args.model, ranges, urls, link, ids, n)
-                assert gen.tokens == reference, f"{label}: the answer differs from single-process greedy decoding"
+                gens = [single] if label == "single process" else []
+                while len(gens) < args.cell_repeats:
+                    gens.append(run_pipeline(args.model, ranges, urls if label != "single process" else None, link, ids, n))
+                assert all(g.tokens == reference for g in gens), f"{label}: the answer differs from single-process greedy"
                 hops = 0 if label == "single process" else 2 * len(ranges)  # the device relays: there and back per stage
                 per_hop = (rtt_ms / 2e3 + (8 * hidden_bytes / (rate_mbps * 1e6) if rate_mbps else 0.0))
                 physical_tok = compute_tok + hops * per_hop
                 physical_ttft = compute_ttft + hops * (rtt_ms / 2e3 + (8 * hidden_bytes * len(ids) / (rate_mbps * 1e6)
                                                                       if rate_mbps else 0.0))
                 rows.append({"topology": label, "link": f"RTT {rtt_ms} ms, {rate_mbps} Mbit/s" if rtt_ms else "loopback",
-                             "ttft_ms": gen.ttft_s * 1e3, "per_token_ms": gen.per_token_s * 1e3,
+                             **summarize([{"ttft_ms": g.ttft_s * 1e3, "per_token_ms": g.per_token_s * 1e3} for g in gens]),
                              "physical_per_token_ms": physical_tok * 1e3, "physical_ttft_ms": physical_ttft * 1e3})
                 print(rows[-1])
     finally:
@@ -132,17 +165,8 @@ def main() -> None:
             for rtt_ms in (0, 5, 20, 50, 100):
                 link = LinkShaper(rtt_ms / 1e3, 100e6) if rtt_ms else None
                 up = HttpTransport(target.url, "edge", link)
-                plain = Speculative(draft, up, AdaptiveGamma(fixed=0)).generate(ids, n)
-                spec: SpecStats = Speculative(draft, up, AdaptiveGamma(gamma_max=8)).generate(ids, n)
-                assert spec.tokens == plain.tokens == reference, "speculative decoding changed the answer"
-
-                def per_token(st: SpecStats) -> float:
-                    return (st.token_times[-1] - st.token_times[0]) / (len(st.token_times) - 1)
-
-                spec_rows.append({"draft_blocks": k, "rtt_ms": rtt_ms, "upstream_only_per_token_ms": per_token(plain) * 1e3,
-                                  "speculative_per_token_ms": per_token(spec) * 1e3,
-                                  "speedup": per_token(plain) / per_token(spec), "acceptance": spec.acceptance,
-                                  "mean_gamma": sum(spec.gammas) / len(spec.gammas), "ttft_ms": spec.token_times[0] * 1e3})
+                samples = [speculative_cell(draft, up, ids, n, reference) for _ in range(args.cell_repeats)]
+                spec_rows.append({"draft_blocks": k, "rtt_ms": rtt_ms, **summarize(samples)})
                 print(spec_rows[-1])
     finally:
         target.kill()

@@ -323,8 +323,8 @@ def test_quick_topologies_answer_like_single_process(repo, base, topology, key) 
 
 
 def test_multi_access_routes_by_load_and_survives_a_server_leaving(base) -> None:
-    from edgelam.infer.multi_access import MultiAccess
     from edgelam.infer.client import LinkShaper
+    from edgelam.infer.multi_access import MultiAccess
 
     svcs = [start_service(MODEL, "full", f"edge{i}") for i in range(3)]
     try:
@@ -351,7 +351,7 @@ def test_multi_access_routes_by_load_and_survives_a_server_leaving(base) -> None
 
 def test_adapters_are_chosen_per_request(tmp_path) -> None:
     """A federated run's PEFT adapter served by a module: per request, base or adapter, as PEFT computes."""
-    from edgelam.config import load_config
+    from edgelam.config_load import load_config
     from edgelam.lifecycle import run
 
     run(load_config("configs/tiny.yaml", ["fl.rounds=1", "eval.generate=0", "model.lora.dropout=0.0"]), tmp_path / "fed")

@@ -11,9 +11,16 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from edgelam.config import ConfigError, RunConfig, load_config
+from edgelam.config import ConfigError, RunConfig
+from edgelam.config_load import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
@@ -138,6 +145,9 @@ def ls_cmd() -> None:
     console.print("[bold]strategies[/] (fl.strategy)")
     for k, v in DESCRIPTIONS.items():
         console.print(f"  {k:10s} {v}")
+    console.print("[bold]aggregators[/] (fl.aggregator): mean (by samples), median, trimmed_mean (coordinate-wise)")
+    console.print("[bold]uplink transforms[/] (fl.uplink, in order): clip (fl.clip_norm), float16")
+    console.print("[bold]tasks[/] (task): auto, causal_lm, classification")
     console.print("[bold]models[/] (model.name)")
     for k, v in MODELS.items():
         console.print(f"  {k:18s} {v}")

@@ -75,6 +75,14 @@ class LocalTransport:
         self.host.close(session)
 
 
+def error_text(resp: httpx.Response) -> str:
+    """The service's ``{"error": ...}`` message, or the start of whatever body came back."""
+    try:
+        return str(resp.json().get("error"))
+    except (ValueError, AttributeError):
+        return resp.text[:200]
+
+
 class HttpTransport:
     """A module service at ``url`` (``edgelam serve``), tensors as safetensors bodies."""
 
@@ -94,11 +102,11 @@ class HttpTransport:
         except httpx.TransportError as exc:
             raise StageDown(f"{self.name}: {type(exc).__name__}: {exc}") from None
         if resp.status_code == 409:
-            raise SessionLost(f"{self.name}: {resp.json().get('error')}")
+            raise SessionLost(f"{self.name}: {error_text(resp)}")
         if resp.status_code >= 500:
-            raise StageDown(f"{self.name}: HTTP {resp.status_code}")
-        if resp.status_code != 200:
-            raise ModuleError(f"{self.name}: HTTP {resp.status_code}: {resp.json().get('error')}", resp.status_code)
+            raise StageDown(f"{self.name}: HTTP {resp.status_code}: {error_text(resp)}")
+        if resp.status_code != 200:  # a client error: the service is up, failover would not help
+            raise ModuleError(f"{self.name}: HTTP {resp.status_code}: {error_text(resp)}", resp.status_code)
         back = self.link.one_way_s(len(resp.content)) if self.link else 0.0
         time.sleep(back)
         self.stats.calls += 1

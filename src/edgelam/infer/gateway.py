@@ -6,6 +6,14 @@
 Streaming answers are server-sent events (``data: {chunk}`` ... ``data: [DONE]``) in OpenAI's
 chunk format, so the ``openai`` Python client works unchanged (``base_url=.../v1``). Decoding is
 greedy; a request asking for sampling (temperature > 0, top_p < 1, n > 1) is refused with 400.
+
+Limits and errors: 400 for a malformed request, unsupported ``stop``, ``max_tokens`` above the
+gateway's cap, or a prompt (+ max_tokens) longer than the model's context; 404 for another
+``model``; 413 for a body over 8 MB; 503 when the topology cannot answer (a stream cut mid-way
+ends with an SSE ``error`` event instead of ``[DONE]``); 500 with ``Connection: close`` for
+anything unexpected. ``/health`` is 503 ``degraded`` while some module has no live service.
+One generation runs at a time; it runs in a worker thread that stops at the next token when
+its client goes away, so a dropped stream frees the topology at once.
 """
 
 from __future__ import annotations
@@ -15,152 +23,313 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgelam.infer.client import StageDown
+from edgelam.infer.modules import ModuleError
+from edgelam.infer.service import BodyTooLarge, ErrorGuard, read_limited
 
 # a backend turns (prompt token ids, max new tokens, eos id) into a stream of token ids
 Backend = Callable[[list[int], int, int | None], Iterator[int]]
+# names of the modules that have no live service left (empty: healthy)
+Health = Callable[[], list[str]]
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+Item = tuple[str, int, str | None]  # (text delta, tokens so far, finish reason or None)
 
 
 class BadRequest(ValueError):
-    pass
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
-def _greedy_only(body: dict[str, Any]) -> None:
-    if (body.get("temperature") or 0) > 0:
+@dataclass
+class GatewayState:
+    backend: Backend
+    tokenizer: Any
+    model_id: str
+    default_max_tokens: int = 64
+    max_tokens_limit: int = 1024
+    context_tokens: int | None = None  # the model's max_position_embeddings
+    health: Health | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a coordinator serves one generation at a time
+
+
+def openai_error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def failure(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """The status and OpenAI-style error body for a failed request."""
+    if isinstance(exc, BadRequest):
+        return exc.status, openai_error(str(exc), code=exc.code)
+    if isinstance(exc, BodyTooLarge):
+        return 413, openai_error(str(exc))
+    if isinstance(exc, StageDown):
+        return 503, openai_error(f"the topology cannot answer: {exc}", "service_unavailable")
+    if isinstance(exc, ModuleError) and exc.status < 500:
+        return 400, openai_error(f"a service refused the request: {exc}")
+    return 500, openai_error(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def failure_response(exc: Exception) -> JSONResponse:
+    status, body = failure(exc)
+    # a body left unread (413) or an unexpected failure: do not reuse the connection
+    return JSONResponse(body, status_code=status, headers={"connection": "close"} if status in (413, 500) else None)
+
+
+# --- request checks ---
+
+def number(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise BadRequest(f"{key} must be a number, got {json.dumps(value)}")
+    return value
+
+
+def check_options(body: dict[str, Any], model_id: str) -> None:
+    """Greedy decoding only; ``stream`` a boolean; no ``stop``; ``model`` absent or the one served."""
+    if (number(body, "temperature") or 0) > 0:
         raise BadRequest("only greedy decoding is served: set temperature to 0 (or leave it out)")
-    if body.get("top_p") not in (None, 1, 1.0):
+    if number(body, "top_p") not in (None, 1):
         raise BadRequest("only greedy decoding is served: leave top_p out")
-    if body.get("n") not in (None, 1):
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise BadRequest("n must be 1")
+    if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
+        raise BadRequest(f"stream must be true or false, got {json.dumps(body['stream'])}")
+    if body.get("stop") not in (None, [], ""):
+        raise BadRequest("stop sequences are not supported: leave stop out (generation ends at the model's "
+                         "end-of-sequence token or max_tokens)")
+    if body.get("model") not in (None, model_id):
+        raise BadRequest(f"the model '{body['model']}' does not exist here; this gateway serves '{model_id}'", 404,
+                         "model_not_found")
 
 
-def _max_tokens(body: dict[str, Any], default: int, limit: int) -> int:
-    n = body.get("max_completion_tokens", body.get("max_tokens", default))
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+def max_new_tokens(body: dict[str, Any], st: GatewayState, prompt_tokens: int) -> int:
+    """max_tokens as asked (at most the gateway's cap), or the default; the prompt and the answer must
+    fit the model's context."""
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
         raise BadRequest("max_tokens must be a positive integer")
-    return min(n, limit)
+    if asked is not None and asked > st.max_tokens_limit:
+        raise BadRequest(f"max_tokens {asked} exceeds this gateway's limit of {st.max_tokens_limit} "
+                         f"(edgelam gateway --max-tokens-limit)")
+    ctx = st.context_tokens
+    if ctx and prompt_tokens >= ctx:
+        raise BadRequest(f"the prompt has {prompt_tokens} tokens; this model's context is {ctx} tokens "
+                         f"(max_position_embeddings): shorten the prompt", code="context_length_exceeded")
+    if ctx and asked is not None and prompt_tokens + asked > ctx:
+        raise BadRequest(f"the prompt's {prompt_tokens} tokens + max_tokens {asked} exceed this model's context of "
+                         f"{ctx} tokens: ask for at most {ctx - prompt_tokens}", code="context_length_exceeded")
+    n = st.default_max_tokens if asked is None else asked
+    return min(n, ctx - prompt_tokens) if ctx else n
 
 
-def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_tokens: int = 64,
-                   max_tokens_limit: int = 1024) -> FastAPI:
-    app = FastAPI(title=f"EdgeLAM gateway ({model_id})")
-    lock = threading.Lock()  # a topology's coordinator serves one generation at a time
+async def body_of(request: Request) -> dict[str, Any]:
+    raw = await read_limited(request, MAX_REQUEST_BYTES)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
 
-    def bad(message: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
-    def run(ids: list[int], max_new: int) -> Iterator[tuple[str, int, str | None]]:
-        """(text delta, tokens so far, finish reason or None) as tokens arrive."""
-        eos = tokenizer.eos_token_id
-        out: list[int] = []
-        text = ""
-        with lock:
-            for tok in backend(ids, max_new, eos):
+def chat_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                         and m.get("role") in ("system", "user", "assistant") for m in msgs):
+        raise BadRequest("messages must be a non-empty list of {role: system|user|assistant, content: string}")
+    text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def completion_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("prompt must be a non-empty string")
+    return list(tokenizer(prompt)["input_ids"])
+
+
+# --- generation ---
+
+def decode(st: GatewayState, ids: list[int], max_new: int, cancel: threading.Event) -> Iterator[Item]:
+    """Text deltas as tokens arrive, under the topology's lock; stops at the next token once ``cancel`` is set."""
+    eos = st.tokenizer.eos_token_id
+    out: list[int] = []
+    text = ""
+    with st.lock:
+        tokens = st.backend(ids, max_new, eos)
+        try:
+            for tok in tokens:
+                if cancel.is_set():
+                    return
                 if tok == eos:
                     yield "", len(out), "stop"
                     return
                 out.append(tok)
-                full = tokenizer.decode(out, skip_special_tokens=True)
+                full = st.tokenizer.decode(out, skip_special_tokens=True)
                 if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                     continue
                 delta, text = full[len(text):], full
                 yield delta, len(out), None
-        full = tokenizer.decode(out, skip_special_tokens=True)
-        yield full[len(text):], len(out), "length"
+        finally:
+            getattr(tokens, "close", lambda: None)()  # ends the backend's session now, not at garbage collection
+    full = st.tokenizer.decode(out, skip_special_tokens=True)
+    yield full[len(text):], len(out), "length"
 
-    async def body_of(request: Request) -> dict[str, Any]:
+
+async def generate(st: GatewayState, ids: list[int], max_new: int) -> AsyncGenerator[Item, None]:
+    """``decode`` in a worker thread (the services block; the event loop must not). Leaving this
+    iterator early (a client gone, a cancelled task) tells the worker to stop and free the lock."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        if not cancel.is_set():
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        return body
+            for item in decode(st, ids, max_new, cancel):
+                put(item)
+        except Exception as exc:  # handed to the request, which answers with the right status
+            put(exc)
+        put(done)
 
-    def respond(kind: str, body: dict[str, Any], ids: list[int]) -> Any:
-        _greedy_only(body)
-        max_new = _max_tokens(body, default_max_tokens, max_tokens_limit)
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+    threading.Thread(target=work, name="edgelam-generate", daemon=True).start()
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()
 
-        def choice(delta: str, finish: str | None, streaming: bool) -> dict[str, Any]:
-            if kind == "chat":
-                key = "delta" if streaming else "message"
-                msg = {"content": delta} if streaming else {"role": "assistant", "content": delta}
-                return {"index": 0, key: msg, "finish_reason": finish}
-            return {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
 
-        if body.get("stream"):
-            def events() -> Iterator[str]:
-                first = True
-                for delta, _, finish in run(ids, max_new):
-                    c = choice(delta, finish, True)
-                    if kind == "chat" and first:
-                        c["delta"]["role"] = "assistant"
-                    first = False
-                    chunk = {"id": rid, "object": f"{obj}.chunk" if kind == "chat" else obj, "created": created,
-                             "model": model_id, "choices": [c]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
+# --- responses ---
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, n, finish = "", 0, "length"
-        for delta, n, fin in run(ids, max_new):
-            text += delta
-            finish = fin or finish
-        return {"id": rid, "object": obj, "created": created, "model": model_id,
-                "choices": [choice(text, finish, False)],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+@dataclass(frozen=True)
+class Reply:
+    kind: str  # chat | completion
+    model_id: str
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    async def answer(kind: str, body: dict[str, Any], ids: list[int]) -> Any:
-        # generation blocks on the topology's services: off the event loop, so /health stays live
-        # (a streamed answer is iterated in Starlette's thread pool for the same reason)
-        if body.get("stream"):
-            return respond(kind, body, ids)
-        return await asyncio.to_thread(respond, kind, body, ids)
+    @property
+    def id(self) -> str:
+        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.rid}"
 
-    @app.exception_handler(BadRequest)
-    async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
-        return bad(str(exc))
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
 
-    @app.exception_handler(StageDown)
-    async def _down(_: Request, exc: StageDown) -> JSONResponse:
-        return JSONResponse({"error": {"message": f"the topology cannot answer: {exc}", "type": "service_unavailable"}},
-                            status_code=503)
+    def choice(self, text: str, finish: str | None, streaming: bool) -> dict[str, Any]:
+        if self.kind == "chat":
+            key = "delta" if streaming else "message"
+            msg = {"content": text} if streaming else {"role": "assistant", "content": text}
+            return {"index": 0, key: msg, "finish_reason": finish}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def chunk(self, delta: str, finish: str | None, first: bool) -> str:
+        c = self.choice(delta, finish, True)
+        if self.kind == "chat" and first:
+            c["delta"]["role"] = "assistant"
+        obj = f"{self.object}.chunk" if self.kind == "chat" else self.object
+        return "data: " + json.dumps({"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
+                                      "choices": [c]}) + "\n\n"
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "edgelam"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
+async def sse(reply: Reply, first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[str]:
+    """The chunks, then ``[DONE]``; a failure mid-stream ends with an ``error`` event instead."""
+    yield reply.chunk(first[0], first[2], True)
+    try:
+        async for delta, _, finish in rest:
+            yield reply.chunk(delta, finish, False)
+    except Exception as exc:
+        yield f"data: {json.dumps(failure(exc)[1])}\n\n"
+        return
+    yield "data: [DONE]\n\n"
+
+
+async def answer(st: GatewayState, kind: str, body: dict[str, Any], ids: list[int]) -> Any:
+    check_options(body, st.model_id)
+    max_new = max_new_tokens(body, st, len(ids))
+    reply = Reply(kind, st.model_id)
+    items = generate(st, ids, max_new)
+    if body.get("stream"):
+        try:  # the first token before the headers: an error up to here still gets its own status
+            first = await anext(items)
+        except BaseException:
+            await items.aclose()
+            raise
+        return StreamingResponse(sse(reply, first, items), media_type="text/event-stream")
+    text, n, finish = "", 0, "length"
+    async for delta, n, fin in items:
+        text += delta
+        finish = fin or finish
+    return {"id": reply.id, "object": reply.object, "created": reply.created, "model": st.model_id,
+            "choices": [reply.choice(text, finish, False)],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+
+
+# --- handlers ---
+
+def state_of(request: Request) -> GatewayState:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def chat(request: Request) -> Any:
+    st = state_of(request)
+    try:
         body = await body_of(request)
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                             and m.get("role") in ("system", "user", "assistant") for m in msgs):
-            raise BadRequest("messages must be a non-empty list of {role: system|user|assistant, content: string}")
-        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                             add_generation_prompt=True, tokenize=False)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return await answer("chat", body, ids)
+        return await answer(st, "chat", body, chat_ids(body, st.tokenizer))
+    except (BadRequest, BodyTooLarge, StageDown, ModuleError) as exc:
+        return failure_response(exc)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
+
+async def completions(request: Request) -> Any:
+    st = state_of(request)
+    try:
         body = await body_of(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("prompt must be a non-empty string")
-        return await answer("completion", body, list(tokenizer(prompt)["input_ids"]))
+        return await answer(st, "completion", body, completion_ids(body, st.tokenizer))
+    except (BadRequest, BodyTooLarge, StageDown, ModuleError) as exc:
+        return failure_response(exc)
 
+
+def health(request: Request) -> JSONResponse:
+    st = state_of(request)
+    dead = st.health() if st.health else []
+    if dead:
+        return JSONResponse({"status": "degraded", "dead": dead}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+def models(request: Request) -> dict[str, Any]:
+    model_id = state_of(request).model_id
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "edgelam"}]}
+
+
+def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_tokens: int = 64,
+                   max_tokens_limit: int = 1024, context_tokens: int | None = None,
+                   health_check: Health | None = None) -> FastAPI:
+    """The gateway app; ``context_tokens`` (the model's context) bounds prompt + max_tokens, ``health_check``
+    names the modules with no live service."""
+    app = FastAPI(title=f"EdgeLAM gateway ({model_id})")
+    app.state.gateway = GatewayState(backend, tokenizer, model_id, default_max_tokens, max_tokens_limit,
+                                     context_tokens, health_check)
+    app.add_middleware(ErrorGuard, render=lambda m: openai_error(m, "server_error"))
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     return app

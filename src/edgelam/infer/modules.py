@@ -6,6 +6,12 @@ cache back to it first (speculative decoding rejects drafted tokens; a replay af
 starts at 0); an unknown session must start at 0 (a replacement server rebuilding a cache from the
 coordinator's replay). Sessions idle for ``session_ttl_s`` are closed and their cache freed.
 LoRA adapters (PEFT folders, e.g. what federated runs write) are loaded by name and chosen per request.
+
+Limits: one request carries at most ``max_request_tokens`` tokens (the causal mask and attention
+scores grow as tokens x positions), and a session never runs past the model's
+``max_position_embeddings``; both are refused with 413 naming the limit. A request that fails
+while a session's cache is being extended drops that session (the next call gets 409: replay it),
+so no half-written cache is ever served.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ class ModuleSpec:
             return ModuleSpec("full", 0, int(parts[1]))
         if parts[0] == "blocks" and len(parts) == 3 and all(p.isdigit() for p in parts[1:]) and int(parts[1]) < int(parts[2]):
             return ModuleSpec("blocks", int(parts[1]), int(parts[2]))
-        raise ValueError(f"module '{text}' must be embed, head, full, full:K or blocks:A:B with A < B (blocks A..B-1)")
+        # no ':A:' style names here: rich would print ':a:' / ':b:' as emoji
+        raise ValueError(f"module '{text}' must be embed, head, full, full:K or blocks:START:STOP with START < STOP "
+                         f"(blocks START..STOP-1)")
 
     def __str__(self) -> str:
         if self.kind == "blocks":
@@ -71,15 +79,25 @@ def causal_mask(q: int, start: int, dtype: torch.dtype) -> Tensor:
     return mask[None, None]
 
 
+DEFAULT_MAX_REQUEST_TOKENS = 8192
+
+
 class ModuleHost:
     """Loads the base model, keeps only what ``spec`` needs in use, and serves forward calls."""
 
     def __init__(self, model_name: str, spec: ModuleSpec, adapters: dict[str, str] | None = None,
-                 dtype: str = "float32", session_ttl_s: float = 300.0) -> None:
+                 dtype: str = "float32", session_ttl_s: float = 300.0,
+                 max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> None:
+        if not session_ttl_s > 0:
+            raise ValueError(f"session TTL must be > 0 seconds, got {session_ttl_s}")
+        if max_request_tokens < 1:
+            raise ValueError(f"max tokens per request must be >= 1, got {max_request_tokens}")
         base = load_base(model_name, dtype, 0)
         self.model_name, self.spec, self.session_ttl_s = model_name, spec, session_ttl_s
         self.config = base.model.config
         self.num_layers = int(self.config.num_hidden_layers)
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)  # 0: no limit known
+        self.max_request_tokens = max_request_tokens
         if spec.kind in ("blocks", "full") and spec.end > self.num_layers:
             raise ValueError(f"{spec} exceeds the model's {self.num_layers} blocks")
         self.peft: Any = None
@@ -117,7 +135,8 @@ class ModuleHost:
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "module": str(self.spec), "num_layers": self.num_layers,
                 "hidden_size": self.hidden_size, "vocab_size": int(self.config.vocab_size), "adapters": self.adapters,
-                "sessions": len(self.sessions)}
+                "sessions": len(self.sessions), "max_position_embeddings": self.max_positions,
+                "max_request_tokens": self.max_request_tokens}
 
     def _adapter_context(self, adapter: str | None) -> Any:
         import contextlib
@@ -149,14 +168,11 @@ class ModuleHost:
 
     @torch.no_grad()
     def forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Run the module; ``errors_total`` is counted by the HTTP service (every error response)."""
         t0 = time.perf_counter()
         with self.lock:
-            try:
-                with self._adapter_context(meta.get("adapter")):
-                    out = self._forward(tensors, meta)
-            except ModuleError:
-                self.stats["errors_total"] += 1
-                raise
+            with self._adapter_context(meta.get("adapter")):
+                out = self._forward(tensors, meta)
             self.stats["requests_total"] += 1
             self.stats["request_seconds_sum"] += time.perf_counter() - t0
             return out
@@ -165,10 +181,11 @@ class ModuleHost:
         kind = self.spec.kind
         if kind in ("embed", "full"):
             ids = tensors.get("input_ids")
-            if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
-                raise ModuleError(f"{kind} expects an integer tensor 'input_ids' of shape (batch, tokens)")
+            if ids is None or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+                raise ModuleError(f"{kind} expects an int32 / int64 tensor 'input_ids' of shape (batch, tokens)")
             if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
                 raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
+            self._check_request_tokens(ids.shape[1])
             self.stats["tokens_total"] += ids.numel()
             if kind == "embed":
                 return {"hidden": self.embed(ids)}, {}
@@ -177,12 +194,25 @@ class ModuleHost:
         hidden = tensors.get("hidden")
         if hidden is None or hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
             raise ModuleError(f"{kind} expects a float tensor 'hidden' of shape (batch, tokens, {self.hidden_size})")
+        if hidden.shape[1] == 0:
+            raise ModuleError(f"{kind} expects at least one token: 'hidden' has shape {tuple(hidden.shape)}")
+        self._check_request_tokens(hidden.shape[1])
         if not bool(torch.isfinite(hidden).all()):
             raise ModuleError("'hidden' holds NaN or infinite values")
         self.stats["tokens_total"] += hidden.shape[0] * hidden.shape[1]
         if kind == "head":
             return self._head(hidden, meta), {}
         return self._blocks(hidden, meta)
+
+    def _check_request_tokens(self, tokens: int) -> None:
+        if tokens > self.max_request_tokens:
+            raise ModuleError(f"{tokens} tokens in one request exceed this service's limit of {self.max_request_tokens} "
+                              f"(edgelam serve --max-request-tokens); send them in smaller chunks", status=413)
+
+    def _check_context(self, pos: int, tokens: int) -> None:
+        if self.max_positions and pos + tokens > self.max_positions:
+            raise ModuleError(f"position {pos} + {tokens} tokens exceeds the model's context of {self.max_positions} "
+                              f"positions (max_position_embeddings)", status=413)
 
     def _head(self, hidden: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
         """Greedy next token and its probability at every position (logits on request)."""
@@ -194,14 +224,24 @@ class ModuleHost:
         return out
 
     def _blocks(self, hidden: Tensor, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        from transformers import DynamicCache
-
         sid = meta.get("session")
         pos = meta.get("position", 0)
         if not isinstance(sid, str) or not sid or not isinstance(pos, int) or pos < 0:
             raise ModuleError("blocks need metadata 'session' (a non-empty string) and 'position' (an integer >= 0)")
         if hidden.shape[0] != 1:
             raise ModuleError("sessions hold one sequence: 'hidden' must have batch size 1")
+        self._check_context(pos, hidden.shape[1])
+        sess = self._session_at(sid, pos)
+        try:
+            return self._extend(sess, hidden, pos)
+        except Exception:  # a half-extended cache must never be served: drop it, the caller replays
+            self.sessions.pop(sid, None)
+            raise
+
+    def _session_at(self, sid: str, pos: int) -> Session:
+        """The session ``sid`` rolled back to ``pos`` (opened when new); 409 if that would leave a gap."""
+        from transformers import DynamicCache
+
         sess = self.sessions.get(sid)
         if sess is None:
             if pos != 0:
@@ -216,6 +256,9 @@ class ModuleHost:
             else:
                 sess.cache.crop(pos - sess.length)  # a negative count: drop that many tokens
             sess.length = pos
+        return sess
+
+    def _extend(self, sess: Session, hidden: Tensor, pos: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
         q = hidden.shape[1]
         positions = torch.arange(pos, pos + q).unsqueeze(0)
         pe = self.backbone.rotary_emb(hidden, position_ids=positions)

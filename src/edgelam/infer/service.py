@@ -5,100 +5,197 @@ Endpoints:
   DELETE /v1/sessions/{id}      close a session and free its KV cache
   GET    /health                the process is up
   GET    /ready                 the module is loaded and serving
-  GET    /info                  model, module, sizes, adapters, open sessions
+  GET    /info                  model, module, sizes, limits, adapters, open sessions
   GET    /metrics               Prometheus text: requests, tokens, errors, latency, sessions
 A bad request gets a JSON ``{"error": ...}`` with 400 (malformed, wrong shape, unknown adapter),
-409 (a session out of step: replay it), 413 (body too large) or 415 (not safetensors).
+409 (a session out of step: replay it), 413 (body, tokens per request or context too large;
+the body limit is checked on Content-Length and while reading, before the body is buffered) or
+415 (not safetensors). An unexpected failure is a JSON 500 with ``Connection: close``, so a
+keep-alive client never meets a reset connection. ``errors_total`` counts every error response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgelam.infer.modules import ModuleError, ModuleHost
+from edgelam.infer.modules import DEFAULT_MAX_REQUEST_TOKENS, ModuleError, ModuleHost
 from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
+log = logging.getLogger("edgelam.serve")
 
 
-def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None) -> FastAPI:
-    sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
+@dataclass(frozen=True)
+class ServiceState:
+    host: ModuleHost
+    wire_dtype: str
+    max_body_bytes: int
+    sweep_every_s: float
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def sweeper() -> None:
-            while True:
-                await asyncio.sleep(sweep)
-                host.expire()
 
-        task = asyncio.create_task(sweeper())
-        yield
-        task.cancel()
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """A JSON error; ``close`` when the request body was left unread (the connection cannot be reused)."""
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
-    app = FastAPI(title=f"EdgeLAM module {host.spec}", lifespan=lifespan)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+class BodyTooLarge(ValueError):
+    """A request body over the limit (found on Content-Length or while reading)."""
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/ready")
-    def ready() -> dict[str, Any]:
-        return {"ready": True, "module": str(host.spec), "model": host.model_name}
+class ErrorGuard:
+    """ASGI middleware: counts every error response in ``stats["errors_total"]`` (when given) and turns an
+    unexpected exception into a JSON 500 with ``Connection: close`` (instead of a dropped keep-alive
+    connection); ``render`` shapes the error body from its message."""
 
-    @app.get("/info")
-    def info() -> dict[str, Any]:
-        return host.info()
+    def __init__(self, app: ASGIApp, stats: dict[str, Any] | None = None,
+                 render: Callable[[str], dict[str, Any]] = lambda m: {"error": m}) -> None:
+        self.app, self.stats, self.render = app, stats, render
 
-    @app.get("/metrics")
-    def metrics() -> PlainTextResponse:
-        labels = f'module="{host.spec}"'
-        lines = []
-        for key, value in host.stats.items():
-            kind = "counter" if key.endswith("_total") or key.endswith("_sum") else "gauge"
-            lines += [f"# TYPE edgelam_{key} {kind}", f"edgelam_{key}{{{labels}}} {value}"]
-        lines += ["# TYPE edgelam_sessions_open gauge", f"edgelam_sessions_open{{{labels}}} {len(host.sessions)}"]
-        return PlainTextResponse("\n".join(lines) + "\n")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
 
-    @app.delete("/v1/sessions/{session}")
-    def close(session: str) -> dict[str, bool]:
-        return {"closed": host.close(session)}
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400 and self.stats is not None:
+                    self.stats["errors_total"] += 1
+            await send(message)
 
-    @app.post("/v1/forward")
-    async def forward(request: Request) -> Response:
-        ctype = request.headers.get("content-type", "")
-        if ctype != CONTENT_TYPE:
-            return error(415, f"content-type must be {CONTENT_TYPE} (a safetensors message), got '{ctype}'")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return error(413, f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
         try:
-            tensors, meta = unpack(body)
-            # the model runs in a worker thread so health checks stay responsive
-            out, out_meta = await asyncio.to_thread(host.forward, tensors, meta)
-        except WireError as exc:
-            return error(400, str(exc))
-        except ModuleError as exc:
-            return error(exc.status, str(exc))
-        return Response(pack(out, out_meta, wire_dtype), media_type=CONTENT_TYPE)
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unexpected error on %s", scope.get("path"))
+            body = self.render(f"internal error: {type(exc).__name__}: {exc}")
+            await JSONResponse(body, status_code=500, headers={"connection": "close"})(scope, receive, watch)
 
+
+def is_safetensors(content_type: str) -> bool:
+    """Media types are case-insensitive and may carry parameters (``; charset=binary``)."""
+    return content_type.split(";", 1)[0].strip().lower() == CONTENT_TYPE
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body; ``BodyTooLarge`` as soon as Content-Length or the bytes read so far pass ``limit``."""
+    declared = request.headers.get("content-length", "")  # the HTTP parser has checked its syntax
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes (Content-Length) exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body of more than {limit} bytes exceeds the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+async def forward(request: Request) -> Response:
+    st = state_of(request)
+    ctype = request.headers.get("content-type", "")
+    if not is_safetensors(ctype):
+        return error(415, f"content-type must be {CONTENT_TYPE} (a safetensors message), got '{ctype}'", close=True)
+    try:
+        body = await read_limited(request, st.max_body_bytes)
+    except BodyTooLarge as exc:
+        return error(413, f"{exc} (edgelam serve --max-body-mb)", close=True)
+    try:
+        tensors, meta = unpack(body)
+        # the model runs in a worker thread so health checks stay responsive
+        out, out_meta = await asyncio.to_thread(st.host.forward, tensors, meta)
+    except WireError as exc:
+        return error(400, str(exc))
+    except ModuleError as exc:
+        return error(exc.status, str(exc))
+    return Response(pack(out, out_meta, st.wire_dtype), media_type=CONTENT_TYPE)
+
+
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def ready(request: Request) -> dict[str, Any]:
+    host = state_of(request).host
+    return {"ready": True, "module": str(host.spec), "model": host.model_name}
+
+
+def info(request: Request) -> dict[str, Any]:
+    return state_of(request).host.info()
+
+
+def metrics(request: Request) -> PlainTextResponse:
+    host = state_of(request).host
+    labels = f'module="{host.spec}"'
+    lines = []
+    for key, value in host.stats.items():
+        kind = "counter" if key.endswith("_total") or key.endswith("_sum") else "gauge"
+        lines += [f"# TYPE edgelam_{key} {kind}", f"edgelam_{key}{{{labels}}} {value}"]
+    lines += ["# TYPE edgelam_sessions_open gauge", f"edgelam_sessions_open{{{labels}}} {len(host.sessions)}"]
+    return PlainTextResponse("\n".join(lines) + "\n")
+
+
+def close_session(session: str, request: Request) -> dict[str, bool]:
+    return {"closed": state_of(request).host.close(session)}
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Close idle sessions every ``sweep_every_s`` while the service runs."""
+    st: ServiceState = app.state.service
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(st.sweep_every_s)
+            st.host.expire()
+
+    task = asyncio.create_task(sweeper())
+    yield
+    task.cancel()
+
+
+def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
+    app = FastAPI(title=f"EdgeLAM module {host.spec}", lifespan=lifespan)
+    app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep)
+    app.add_middleware(ErrorGuard, stats=host.stats)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/info", info, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/sessions/{session}", close_session, methods=["DELETE"])
+    app.add_api_route("/v1/forward", forward, methods=["POST"])
     return app
 
 
 def serve(model: str, module: str, port: int, host: str = "127.0.0.1", adapters: dict[str, str] | None = None,
-          session_ttl_s: float = 300.0, wire_dtype: str = "float32") -> None:
+          session_ttl_s: float = 300.0, wire_dtype: str = "float32",
+          max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Load the module, then serve it until stopped (SIGINT / SIGTERM)."""
     import uvicorn
 
+    from edgelam.infer.launch import die_with_parent
     from edgelam.infer.modules import ModuleSpec
 
-    mod = ModuleHost(model, ModuleSpec.parse(module), adapters, session_ttl_s=session_ttl_s)
-    uvicorn.run(create_app(mod, wire_dtype), host=host, port=port, log_level="warning", access_log=False)
+    die_with_parent()  # started by a gateway / `edgelam infer`: never outlive it
+    mod = ModuleHost(model, ModuleSpec.parse(module), adapters, session_ttl_s=session_ttl_s,
+                     max_request_tokens=max_request_tokens)
+    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

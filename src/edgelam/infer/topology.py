@@ -15,30 +15,54 @@
     placement: auto              # or {edge1: [0, 2], edge2: [2, 4]}
     replicas: 1                  # services per block range; replica i on the i-th next node (failover targets)
 
-``launch`` starts one ``edgelam serve`` process per block range and replica on a free loopback
-port, waits until each answers /ready, and stops them all on exit.
+``open_topology`` starts the ``edgelam serve`` processes the mode needs (one per block range and
+replica for a pipeline; see ``infer/launch.py``), waits until each answers /ready, builds the
+device's coordinator (one ``Runner`` builder per mode, in ``RUNNERS``) and stops them all on exit.
+``load_topology`` checks the whole file first: a bad value is one ConfigError naming the key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from edgelam.config import ConfigError
+from edgelam.infer.client import (
+    HttpTransport,
+    LinkShaper,
+    LocalTransport,
+    Stage,
+    Transport,
+)
+from edgelam.infer.launch import (
+    Service,
+    free_port,
+    sigterm_exits,
+    start_service,
+    stop_services,
+    wait_ready,
+)
+from edgelam.infer.modules import ModuleHost, ModuleSpec
+from edgelam.infer.multi_access import MultiAccess
+from edgelam.infer.pipeline import Generation, Pipeline
 from edgelam.infer.placement import Link, Node, Plan, evaluate, plan, problem_for_model
+from edgelam.infer.speculative import (
+    AdaptiveGamma,
+    Escalation,
+    EscalationStats,
+    SpecStats,
+    Speculative,
+)
 
+__all__ = ["RUNNERS", "Runner", "Service", "Topology", "free_port", "load_topology", "open_topology", "start_service",
+           "stop_services", "wait_ready"]
 LINK_EMULATION = "transport shaping (each call waits RTT/2 + bytes/rate each way; tc netem needs CAP_NET_ADMIN)"
 
 
@@ -64,51 +88,134 @@ MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model"
              "escalation": {"tiers"}, "multi_access": {"servers", "seed"}}
 
 
-def load_topology(path: str | os.PathLike[str]) -> Topology:
-    p = Path(path)
+ENCODER_MODELS = ("tiny-encoder", "minilm")  # split-learning encoders: no causal LM head to generate with
+
+
+def _number(data: dict[str, Any], key: str, default: float | None, minimum: float, where: str, integer: bool = False,
+            strict: bool = False) -> Any:
+    """``data[key]`` (``default`` when absent; None: required) as an int / float >= ``minimum`` (> when
+    ``strict``), or a ConfigError naming the key."""
+    value: Any = data.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}: {key} is required")
+    if isinstance(value, str):  # YAML 1.1 reads 1.0e11 (no sign in the exponent) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (not integer or float(value).is_integer()))
+    if not ok or (value <= minimum if strict else value < minimum):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}: {key} must be {kind} {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def parse_nodes(data: dict[str, Any], where: str) -> list[Node]:
+    raw = data.get("nodes")
+    if not isinstance(raw, list) or not raw or not all(isinstance(n, dict) and "name" in n for n in raw):
+        raise ConfigError(f"{where}: nodes must be a non-empty list of {{name, flops_per_s, memory_gb (optional)}}")
+    return [Node(str(n["name"]), _number(n, "memory_gb", 1e9, 0, f"{where}, node {n['name']}", strict=True) * 1e9,
+                 _number(n, "flops_per_s", None, 0, f"{where}, node {n['name']}", strict=True)) for n in raw]
+
+
+def parse_links(data: dict[str, Any], where: str) -> dict[tuple[str, str], Link]:
+    raw = data.get("links", [])
+    if not isinstance(raw, list) or not all(isinstance(ln, dict) and "a" in ln and "b" in ln for ln in raw):
+        raise ConfigError(f"{where}: links must be a list of {{a, b, rtt_ms, rate_mbps or distance_m}}")
+    return {(str(ln["a"]), str(ln["b"])): parse_link(ln, f"{where}, link {ln['a']}-{ln['b']}") for ln in raw}
+
+
+def parse_placement(data: dict[str, Any], where: str) -> dict[str, tuple[int, int]] | None:
+    raw = data.get("placement", "auto")
+    if raw == "auto":
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+                                            for v in raw.values()):
+        raise ConfigError(f"{where}: placement must be 'auto' or a mapping node -> [start, end]")
+    return {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
+
+
+def _check_speculative(extra: dict[str, Any], names: set[str], where: str) -> None:
+    if not isinstance(extra.get("target"), dict) or str(extra["target"].get("node")) not in names:
+        raise ConfigError(f"{where}: speculative mode needs target: {{node: NAME}} naming one of {sorted(names)}")
+    try:
+        ModuleSpec.parse(str(extra.get("draft", "full")))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: draft: {exc}") from None
+    if extra.get("gamma", "adaptive") != "adaptive":
+        _number(extra, "gamma", 0, 0, where, integer=True)
+    _number(extra, "gamma_max", 8, 1, where, integer=True)
+
+
+def _check_escalation(extra: dict[str, Any], names: set[str], where: str) -> None:
+    tiers = extra.get("tiers")
+    if (not isinstance(tiers, list) or len(tiers) < 2
+            or any(not isinstance(t, dict) or t.get("node") not in names for t in tiers)):
+        raise ConfigError(f"{where}: escalation needs tiers: a list of >= 2 {{node, module, threshold}} "
+                          f"with nodes among {sorted(names)}")
+    for t in tiers:
+        try:
+            ModuleSpec.parse(str(t.get("module", "full")))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: tier {t['node']}: {exc}") from None
+    for t in tiers[:-1]:
+        _number(t, "threshold", None, 0, f"{where}, tier {t['node']}")
+
+
+def _check_multi_access(extra: dict[str, Any], names: set[str], where: str) -> None:
+    servers = extra.get("servers")
+    if not isinstance(servers, list) or not servers or any(s not in names for s in servers):
+        raise ConfigError(f"{where}: multi_access needs servers: a list of node names among {sorted(names)}")
+    _number(extra, "seed", 0, 0, where, integer=True)
+
+
+MODE_CHECKS: dict[str, Callable[[dict[str, Any], set[str], str], None]] = {
+    "pipeline": lambda extra, names, where: None, "speculative": _check_speculative,
+    "escalation": _check_escalation, "multi_access": _check_multi_access}
+
+
+def _read_mapping(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"topology file '{p}' not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"topology {p} is not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"topology {p} must be a YAML mapping (name:, model:, mode:, nodes:, ...), "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def _check_model(model: str, where: str) -> None:
+    if model in ENCODER_MODELS or model.startswith("encoder:"):
+        raise ConfigError(f"{where}: model '{model}' is an encoder (split learning); inference topologies need a causal "
+                          f"LM: tiny, tiny-varied, smollm2, a Hugging Face id or a .gguf file")
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Read and check a topology file; every error is a ConfigError naming the key (before anything starts)."""
+    p = Path(path)
+    data = _read_mapping(p)
+    where = f"topology {p}"
     mode = data.get("mode", "pipeline")
     if mode not in MODE_KEYS:
-        raise ConfigError(f"topology {p}: mode '{mode}' must be one of {sorted(MODE_KEYS)}")
+        raise ConfigError(f"{where}: mode '{mode}' must be one of {sorted(MODE_KEYS)}")
     unknown = sorted(set(data) - ALLOWED - MODE_KEYS[mode])
     if unknown:
-        raise ConfigError(f"unknown key '{unknown[0]}' in topology {p} (mode {mode}); allowed: {sorted(ALLOWED | MODE_KEYS[mode])}")
-    try:
-        nodes = [Node(str(n["name"]), float(n.get("memory_gb", 1e9)) * 1e9, float(n["flops_per_s"])) for n in data["nodes"]]
-        links = {(str(ln["a"]), str(ln["b"])): parse_link(ln) for ln in data.get("links", [])}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"topology {p}: nodes need name and flops_per_s (memory_gb optional), links a, b, rtt_ms and "
-                          f"rate_mbps or distance_m ({type(exc).__name__}: {exc})") from None
-    if not nodes:
-        raise ConfigError(f"topology {p}: list at least one node")
-    raw = data.get("placement", "auto")
-    placement = None
-    if raw != "auto":
-        if not isinstance(raw, dict):
-            raise ConfigError(f"topology {p}: placement must be 'auto' or a mapping node -> [start, end]")
-        placement = {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
-    replicas = int(data.get("replicas", 1))
-    if replicas < 1:
-        raise ConfigError(f"topology {p}: replicas must be >= 1")
+        raise ConfigError(f"unknown key '{unknown[0]}' in {where} (mode {mode}); allowed: {sorted(ALLOWED | MODE_KEYS[mode])}")
+    model = str(data.get("model", "tiny-varied"))
+    _check_model(model, where)
+    nodes, links, placement = parse_nodes(data, where), parse_links(data, where), parse_placement(data, where)
     if data.get("wire_dtype", "float32") not in ("float32", "float16"):
-        raise ConfigError(f"topology {p}: wire_dtype must be float32 or float16")
+        raise ConfigError(f"{where}: wire_dtype must be float32 or float16")
+    if not isinstance(data.get("emulate_links", True), bool):
+        raise ConfigError(f"{where}: emulate_links must be true or false")
     extra = {k: data[k] for k in MODE_KEYS[mode] if k in data}
-    names = {n.name for n in nodes} | {"device"}
-    if mode == "speculative" and str((extra.get("target") or {}).get("node")) not in names:
-        raise ConfigError(f"topology {p}: speculative mode needs target: {{node: NAME}} naming one of {sorted(names)}")
-    if mode == "escalation":
-        tiers = extra.get("tiers")
-        if not isinstance(tiers, list) or len(tiers) < 2 or any(t.get("node") not in names for t in tiers):
-            raise ConfigError(f"topology {p}: escalation needs tiers: a list of >= 2 {{node, module, threshold}} "
-                              f"with nodes among {sorted(names)}")
-    if mode == "multi_access" and (not isinstance(extra.get("servers"), list) or not extra["servers"]
-                                   or any(s not in names for s in extra["servers"])):
-        raise ConfigError(f"topology {p}: multi_access needs servers: a list of node names among {sorted(names)}")
-    return Topology(str(data.get("name", p.stem)), str(data.get("model", "tiny-varied")), mode, nodes, links,
-                    placement, replicas, int(data.get("max_new_tokens", 16)), str(data.get("wire_dtype", "float32")),
-                    bool(data.get("emulate_links", True)), float(data.get("hop_overhead_ms", 0.0)), extra)
+    MODE_CHECKS[mode](extra, {n.name for n in nodes} | {"device"}, where)
+    return Topology(str(data.get("name", p.stem)), model, mode, nodes, links, placement,
+                    _number(data, "replicas", 1, 1, where, integer=True),
+                    _number(data, "max_new_tokens", 16, 1, where, integer=True), str(data.get("wire_dtype", "float32")),
+                    bool(data.get("emulate_links", True)), _number(data, "hop_overhead_ms", 0.0, 0, where), extra)
 
 
 def radio_rate_bps(distance_m: float, bandwidth_hz: float = 10e6, tx_power_dbm: float = 23.0,
@@ -122,13 +229,16 @@ def radio_rate_bps(distance_m: float, bandwidth_hz: float = 10e6, tx_power_dbm: 
     return channel.shannon_rate_bps(bandwidth_hz, snr)
 
 
-def parse_link(ln: dict[str, Any]) -> Link:
+def parse_link(ln: dict[str, Any], where: str = "link") -> Link:
     """``rate_mbps`` as given, or from the radio model: ``distance_m`` (+ ``bandwidth_mhz``, ``tx_power_dbm``)."""
-    rtt = float(ln["rtt_ms"]) / 1e3
+    rtt = _number(ln, "rtt_ms", None, 0, where) / 1e3
     if "rate_mbps" in ln:
-        return Link(rtt, float(ln["rate_mbps"]) * 1e6)
-    return Link(rtt, radio_rate_bps(float(ln["distance_m"]), float(ln.get("bandwidth_mhz", 10.0)) * 1e6,
-                                    float(ln.get("tx_power_dbm", 23.0))))
+        return Link(rtt, _number(ln, "rate_mbps", 0, 0, where, strict=True) * 1e6)
+    if "distance_m" not in ln:
+        raise ConfigError(f"{where}: give rate_mbps, or distance_m (+ bandwidth_mhz, tx_power_dbm) for the radio model")
+    return Link(rtt, radio_rate_bps(_number(ln, "distance_m", 0, 0, where, strict=True),
+                                    _number(ln, "bandwidth_mhz", 10.0, 0, where, strict=True) * 1e6,
+                                    _number(ln, "tx_power_dbm", 23.0, -1e9, where)))
 
 
 def make_plan(topo: Topology, model_config: Any) -> Plan:
@@ -145,105 +255,28 @@ def make_plan(topo: Topology, model_config: Any) -> Plan:
     return evaluate(prob, ranges)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Service:
-    node: str
-    module: str
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
-def start_service(model: str, module: str, node: str, wire_dtype: str = "float32", extra: list[str] | None = None) -> Service:
-    port = free_port()
-    cmd = [sys.executable, "-m", "edgelam.cli", "serve", "--model", model, "--module", module, "--port", str(port),
-           "--wire-dtype", wire_dtype, *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return Service(node, module, f"http://127.0.0.1:{port}", proc)
-
-
-def wait_ready(services: list[Service], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(services)
-    while pending:
-        for svc in list(pending):
-            if svc.proc.poll() is not None:
-                err = svc.proc.stderr.read().decode(errors="replace")[-2000:] if svc.proc.stderr else ""
-                raise RuntimeError(f"service {svc.module} on {svc.node} exited with code {svc.proc.returncode}: {err}")
-            try:
-                if httpx.get(f"{svc.url}/ready", timeout=1.0).status_code == 200:
-                    pending.remove(svc)
-            except httpx.TransportError:
-                pass
-        if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"services not ready after {timeout_s:.0f} s: {[s.module for s in pending]}")
-        if pending:
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def launch(topo: Topology, pl: Plan) -> Iterator[list[Service]]:
-    """Start every block service of the plan (``replicas`` per range), yield them, stop them."""
-    services: list[Service] = []
-    names = [n.name for n in topo.nodes]
-    try:
-        for node, a, b in pl.ranges:
-            for i in range(topo.replicas):
-                # replica i of a range sits on the i-th next node: a spare survives its primary's node leaving
-                host = names[(names.index(node) + i) % len(names)]
-                services.append(start_service(topo.model, f"blocks:{a}:{b}", host, topo.wire_dtype))
-        wait_ready(services)
-        yield services
-    finally:
-        stop_services(services)
-
-
-def stop_services(services: list[Service]) -> None:
-    """SIGTERM every service, then SIGKILL any still running after 10 s."""
-    for svc in services:
-        if svc.proc.poll() is None:
-            svc.proc.terminate()
-    for svc in services:
-        try:
-            svc.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            svc.kill()
-
-
-def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: str | None = None) -> Any:
+def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: str | None = None) -> Pipeline:
     """The device's coordinator: embed and head in process, one stage per block range whose
     candidates are that range's services (the first is used, the others are failover targets)."""
-    from edgelam.infer.client import HttpTransport, LocalTransport, Stage
-    from edgelam.infer.modules import ModuleHost, ModuleSpec
-    from edgelam.infer.pipeline import Pipeline
-
     embed = Stage("embed (device)", [LocalTransport(ModuleHost(topo.model, ModuleSpec("embed")), "device")])
     head = Stage("head (device)", [LocalTransport(ModuleHost(topo.model, ModuleSpec("head")), "device")])
     stages = []
     for node, a, b in pl.ranges:
-        cands = [HttpTransport(s.url, f"{s.node}#{i}", link_to(topo, s.node), wire_dtype=topo.wire_dtype)
+        cands = [remote(topo, s, f"{s.node}#{i}")
                  for i, s in enumerate(svc for svc in services if svc.module == f"blocks:{a}:{b}")]
         stages.append(Stage(f"blocks {a}..{b - 1} ({node})", cands))
     return Pipeline(embed, stages, head, adapter)
 
 
-def link_to(topo: Topology, node: str) -> Any:
-    from edgelam.infer.client import LinkShaper
-
+def link_to(topo: Topology, node: str) -> LinkShaper | None:
     if not topo.emulate_links or node == "device":
         return None
     ln = topo.links.get(("device", node)) or topo.links.get((node, "device"))
     return LinkShaper(ln.rtt_s, ln.rate_bps) if ln is not None else None
+
+
+def remote(topo: Topology, svc: Service, name: str | None = None) -> HttpTransport:
+    return HttpTransport(svc.url, name or svc.node, link_to(topo, svc.node), wire_dtype=topo.wire_dtype)
 
 
 @dataclass
@@ -255,103 +288,115 @@ class Runner:
     services: list[Service]
     plan: Plan | None = None
 
+    def dead(self) -> list[str]:
+        """The modules none of whose services is still running (empty while every module can answer)."""
+        alive = {s.module for s in self.services if s.proc.poll() is None}
+        return sorted({s.module for s in self.services} - alive)
+
+
+# --- one Runner builder per mode: start the services into ``services``, build the coordinator ---
+
+def start(topo: Topology, module: str, node: str, services: list[Service]) -> Service:
+    svc = start_service(topo.model, module, node, topo.wire_dtype)
+    services.append(svc)  # appended at once: stopped on exit even if a later start fails
+    return svc
+
+
+def pipeline_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
+    pl = make_plan(topo, model_config)
+    names = [n.name for n in topo.nodes]
+    for node, a, b in pl.ranges:
+        for i in range(topo.replicas):
+            # replica i of a range sits on the i-th next node: a spare survives its primary's node leaving
+            start(topo, f"blocks:{a}:{b}", names[(names.index(node) + i) % len(names)], services)
+    wait_ready(services)
+    pipe = build_pipeline(topo, pl, services, adapter)
+    last: dict[str, Generation] = {}
+
+    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+        last["gen"] = Generation(len(ids))
+        yield from pipe.stream(ids, n, eos, last["gen"])
+
+    def report() -> dict[str, Any]:
+        gen = last.get("gen")
+        return {"stages": [t.stages for t in gen.timings] if gen else [], "failovers": gen.failovers if gen else []}
+
+    return Runner(stream, report, services, pl)
+
+
+def speculative_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
+    node = topo.extra["target"]["node"]
+    target = [start(topo, "full", node, services) for _ in range(topo.replicas)][0]
+    wait_ready(services)
+    draft_host = ModuleHost(str(topo.extra.get("draft_model", topo.model)), ModuleSpec.parse(str(topo.extra.get("draft", "full"))))
+    gamma = topo.extra.get("gamma", "adaptive")
+    ctrl = AdaptiveGamma(gamma_max=int(topo.extra.get("gamma_max", 8)), fixed=None if gamma == "adaptive" else int(gamma))
+    spec = Speculative(LocalTransport(draft_host, "device"), remote(topo, target, node), ctrl, adapter)
+    stats: dict[str, SpecStats] = {}
+
+    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+        stats["last"] = SpecStats()
+        yield from spec.stream(ids, n, eos, stats["last"])
+
+    def report() -> dict[str, Any]:
+        st = stats.get("last")
+        return {} if st is None else {"rounds": st.rounds, "drafted": st.drafted, "accepted": st.accepted,
+                                      "acceptance": st.acceptance, "gammas": st.gammas}
+
+    return Runner(stream, report, services)
+
+
+def escalation_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
+    placed: list[tuple[str, Service | LocalTransport]] = []
+    for t in topo.extra["tiers"]:
+        module = str(t.get("module", "full"))
+        local = t["node"] == "device"
+        placed.append((t["node"], LocalTransport(ModuleHost(topo.model, ModuleSpec.parse(module)), "device") if local
+                       else start(topo, module, t["node"], services)))
+    wait_ready(services)
+    tiers: list[tuple[str, Transport]] = [(n, remote(topo, x, n) if isinstance(x, Service) else x) for n, x in placed]
+    esc = Escalation(tiers, [float(t["threshold"]) for t in topo.extra["tiers"][:-1]], adapter)
+    stats: dict[str, EscalationStats] = {}
+
+    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+        stats["last"] = EscalationStats([name for name, _ in tiers], [0] * len(tiers))
+        yield from esc.stream(ids, n, eos, stats["last"])
+
+    def report() -> dict[str, Any]:
+        st = stats.get("last")
+        return {} if st is None else {"served": dict(zip(st.tiers, st.served)), "shares": st.shares()}
+
+    return Runner(stream, report, services)
+
+
+def multi_access_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
+    for node in topo.extra["servers"]:
+        start(topo, "full", node, services)
+    wait_ready(services)
+    ma = MultiAccess([remote(topo, s) for s in services], seed=int(topo.extra.get("seed", 0)))
+
+    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+        yield from ma.stream(ids, n, eos, adapter)
+
+    def report() -> dict[str, Any]:
+        return {"routes": [services[i].node for i in ma.routes], "failovers": ma.failovers,
+                "calls": {s.node: ld.requests for s, ld in zip(services, ma.loads)}}
+
+    return Runner(stream, report, services)
+
+
+RUNNERS: dict[str, Callable[[Topology, Any, str | None, list[Service]], Runner]] = {
+    "pipeline": pipeline_runner, "speculative": speculative_runner, "escalation": escalation_runner,
+    "multi_access": multi_access_runner}
+
 
 @contextlib.contextmanager
 def open_topology(topo: Topology, model_config: Any, adapter: str | None = None) -> Iterator[Runner]:
-    """Start the services the topology's mode needs, build its coordinator, stop everything on exit."""
-    from edgelam.infer.client import HttpTransport, LocalTransport
-    from edgelam.infer.modules import ModuleHost, ModuleSpec
-
-    def remote(svc: Service, name: str) -> HttpTransport:
-        return HttpTransport(svc.url, name, link_to(topo, svc.node), wire_dtype=topo.wire_dtype)
-
-    if topo.mode == "pipeline":
-        pl = make_plan(topo, model_config)
-        with launch(topo, pl) as services:
-            pipe = build_pipeline(topo, pl, services, adapter)
-            last: dict[str, Any] = {}
-
-            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-                from edgelam.infer.pipeline import Generation
-
-                gen = Generation(len(ids))
-                last["gen"] = gen
-                yield from pipe.stream(ids, n, eos, gen)
-
-            def report() -> dict[str, Any]:
-                gen = last.get("gen")
-                return {"stages": [t.stages for t in gen.timings] if gen else [],
-                        "failovers": gen.failovers if gen else []}
-
-            yield Runner(stream, report, services, pl)
-        return
-    services = []
-    try:
-        if topo.mode == "speculative":
-            from edgelam.infer.speculative import AdaptiveGamma, Speculative, SpecStats
-
-            node = topo.extra["target"]["node"]
-            target_svc = [start_service(topo.model, "full", node, topo.wire_dtype) for _ in range(topo.replicas)]
-            services += target_svc
-            wait_ready(services)
-            draft_model = topo.extra.get("draft_model", topo.model)
-            draft = LocalTransport(ModuleHost(str(draft_model), ModuleSpec.parse(str(topo.extra.get("draft", "full")))), "device")
-            gamma = topo.extra.get("gamma", "adaptive")
-            ctrl = AdaptiveGamma(gamma_max=int(topo.extra.get("gamma_max", 8)), fixed=None if gamma == "adaptive" else int(gamma))
-            spec = Speculative(draft, remote(target_svc[0], node), ctrl, adapter)
-            stats: dict[str, SpecStats] = {}
-
-            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-                stats["last"] = SpecStats()
-                yield from spec.stream(ids, n, eos, stats["last"])
-
-            def report() -> dict[str, Any]:
-                st = stats.get("last")
-                return {} if st is None else {"rounds": st.rounds, "drafted": st.drafted, "accepted": st.accepted,
-                                              "acceptance": st.acceptance, "gammas": st.gammas}
-
-            yield Runner(stream, report, services)
-        elif topo.mode == "escalation":
-            from edgelam.infer.speculative import Escalation, EscalationStats
-
-            tiers: list[tuple[str, Any]] = []
-            for t in topo.extra["tiers"]:
-                module = str(t.get("module", "full"))
-                if t["node"] == "device":
-                    tiers.append(("device", LocalTransport(ModuleHost(topo.model, ModuleSpec.parse(module)), "device")))
-                else:
-                    svc = start_service(topo.model, module, t["node"], topo.wire_dtype)
-                    services.append(svc)
-                    tiers.append((t["node"], svc))
-            wait_ready(services)
-            tiers = [(n, remote(x, n) if isinstance(x, Service) else x) for n, x in tiers]
-            esc = Escalation(tiers, [float(t["threshold"]) for t in topo.extra["tiers"][:-1]], adapter)
-            est: dict[str, EscalationStats] = {}
-
-            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-                est["last"] = EscalationStats([name for name, _ in tiers], [0] * len(tiers))
-                yield from esc.stream(ids, n, eos, est["last"])
-
-            def report() -> dict[str, Any]:
-                st = est.get("last")
-                return {} if st is None else {"served": dict(zip(st.tiers, st.served)), "shares": st.shares()}
-
-            yield Runner(stream, report, services)
-        else:  # multi_access
-            from edgelam.infer.multi_access import MultiAccess
-
-            for node in topo.extra["servers"]:
-                services.append(start_service(topo.model, "full", node, topo.wire_dtype))
-            wait_ready(services)
-            ma = MultiAccess([remote(s, s.node) for s in services], seed=int(topo.extra.get("seed", 0)))
-
-            def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-                yield from ma.stream(ids, n, eos, adapter)
-
-            def report() -> dict[str, Any]:
-                return {"routes": [services[i].node for i in ma.routes], "failovers": ma.failovers,
-                        "calls": {s.node: ld.requests for s, ld in zip(services, ma.loads)}}
-
-            yield Runner(stream, report, services)
-    finally:
-        stop_services(services)
+    """Start the services the topology's mode needs, build its coordinator, stop everything on exit
+    (SIGTERM included: see ``launch.sigterm_exits``)."""
+    services: list[Service] = []
+    with sigterm_exits():
+        try:
+            yield RUNNERS[topo.mode](topo, model_config, adapter, services)
+        finally:
+            stop_services(services)
