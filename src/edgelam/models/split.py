@@ -20,12 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn import functional as F
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from edgelam.config import ConfigError, LoraConfig
-from edgelam.data.format import IGNORE
 from edgelam.models.flops import FlopModel, module_flop_model
 from edgelam.models.load import ModelLoadError, byte_tokenizer, load_base
 from edgelam.models.lora import attach_lora
@@ -141,23 +139,20 @@ class Middle(nn.Module):
 
 
 class Back(nn.Module):
-    """Remaining blocks and the task module; returns (loss, logits). Loss: mean cross-entropy over
-    the examples (classification) or over the target tokens, shifted by one (causal LM)."""
+    """Remaining blocks and the task module (classifier, or final norm + LM head); returns the
+    logits. The loss is the task's (``tasks/``: ``head_loss``), computed on the device too."""
 
     def __init__(self, arch: _Arch, layers: list[nn.Module], head: Any, norm: Any) -> None:
         super().__init__()
         self.arch, self.layers, self.norm = arch, nn.ModuleList(layers), norm
         self.head: Any = head
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.arch.run(self.layers, hidden, attention_mask)
         if not self.arch.decoder:
-            logits = self.head(hidden, attention_mask)
-            return F.cross_entropy(logits, labels), logits
-        assert self.norm is not None
-        logits = self.head(self.norm(hidden))
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-        return loss, logits
+            return self.head(hidden, attention_mask)  # type: ignore[no-any-return]  # (B, C)
+        assert self.norm is not None  # a decoder's Back always holds the final norm
+        return self.head(self.norm(hidden))  # type: ignore[no-any-return]  # (B, T, V)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from edgelam.split import scheduling
 from edgelam.split.scheduling import Decision, DeviceLoad, Radio
 from edgelam.split.step import DEV, DOWN, SRV, UP, StepPlan, plan
 from edgelam.store import Purpose, rng_for, torch_seed_for
-from edgelam.tasks import setup_task
+from edgelam.tasks import Task, setup_task
 
 
 @dataclass
@@ -35,6 +35,7 @@ class SplitContext:
     description: str
     classes: tuple[str, ...]
     budget: list[float]
+    task: Task  # the loss and metrics of the head (tasks/)
 
 
 def setup_split(cfg: RunConfig) -> SplitContext:
@@ -63,7 +64,7 @@ def setup_split(cfg: RunConfig) -> SplitContext:
                   channel.dbm_to_w(net.noise_psd_dbm_hz + net.noise_figure_db))
     sched = cfg.split.schedule
     budget = list(sched.budget_per_device) or [sched.budget_per_round] * len(clients)
-    return SplitContext(cfg, sm, clients, eval_batches, coll, topo, radio, desc, classes, budget)
+    return SplitContext(cfg, sm, clients, eval_batches, coll, topo, radio, desc, classes, budget, ts.task)
 
 
 # --- planning ---

@@ -161,7 +161,7 @@ class SplitDriver:
         return zero_row() | {"schedule": {"queues": [0.0] * len(self.ctx.clients)}} | self.evaluate(st)
 
     def evaluate(self, st: RunState) -> dict[str, Any]:
-        res = evaluate(self.ctx.sm, *sides(st.state), self.ctx.eval_batches)
+        res = evaluate(self.ctx.sm, *sides(st.state), self.ctx.eval_batches, self.ctx.task)
         out: dict[str, Any] = {"eval_loss": res["loss"], "eval_ppl": math.exp(min(res["loss"], 50.0)), "eval_tasks": None}
         if "accuracy" in res:
             out["eval_accuracy"] = res["accuracy"]

@@ -24,6 +24,9 @@ from torch import Tensor
 from edgelam.models.flops import backward_flops, forward_flops, lora_train_flops
 from edgelam.models.split import Params, SplitModel, call
 from edgelam.split.wire import encode, mask_bytes, wire_bytes
+from edgelam.tasks.base import Task, add_sums
+from edgelam.tasks.causal_lm import CausalLM
+from edgelam.tasks.classification import Classification
 
 # phase kinds: device compute (FLOPs), server compute (FLOPs), uplink bytes, downlink bytes
 DEV, SRV, UP, DOWN = "dev", "srv", "up", "down"
@@ -80,18 +83,20 @@ def plan(sm: SplitModel, batch: dict[str, Tensor], act_codec: str, grad_codec: s
 
 
 def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[str, Tensor],
-         act_codec: str, grad_codec: str) -> StepResult:
+         act_codec: str, grad_codec: str, task: Task | None = None) -> StepResult:
     """Forward and backward of one batch across the cut; gradients land in the given leaf tensors.
 
     ``device`` maps "front" and "back" to that device's trainable tensors, ``server`` holds the
     server copy's middle tensors (segment-relative names)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    task = task or task_of(sm)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     res = StepResult(loss=0.0)
     x = call(sm.front, device["front"], ids, mask)
     if sm.cut[0] == sm.cut[1]:
-        loss, logits = call(sm.back, device["back"], x, mask, labels)
+        logits = call(sm.back, device["back"], x, mask)
+        loss = task.head_loss(logits, batch)
         loss.backward()
-        return _finish(sm, res, loss, logits, labels)
+        return _finish(task, res, loss, logits, batch)
     up = encode(x, act_codec)  # activations up, with the padding mask
     xs = up.decoded.requires_grad_(x.requires_grad)
     res.bytes["act_up"], res.bytes["mask_up"] = up.nbytes, mask_bytes(tuple(mask.shape))
@@ -99,7 +104,8 @@ def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[
     down = encode(h, act_codec)  # features down
     hd = down.decoded.requires_grad_(True)
     res.bytes["feat_down"] = down.nbytes
-    loss, logits = call(sm.back, device["back"], hd, mask, labels)
+    logits = call(sm.back, device["back"], hd, mask)
+    loss = task.head_loss(logits, batch)
     loss.backward()
     assert hd.grad is not None
     g = encode(hd.grad, grad_codec)  # feature gradients up
@@ -110,14 +116,20 @@ def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[
         gx = encode(xs.grad, grad_codec)  # activation gradients down
         res.bytes["grad_down"] = gx.nbytes
         x.backward(gx.decoded)
-    return _finish(sm, res, loss, logits, labels)
+    return _finish(task, res, loss, logits, batch)
 
 
-def _finish(sm: SplitModel, res: StepResult, loss: Tensor, logits: Tensor, labels: Tensor) -> StepResult:
+def _finish(task: Task, res: StepResult, loss: Tensor, logits: Tensor, batch: dict[str, Tensor]) -> StepResult:
     res.loss = float(loss.detach())
-    if not sm.decoder:
-        res.correct = int((logits.detach().argmax(-1) == labels).sum())
+    with torch.no_grad():
+        res.correct = int(task.head_sums(logits.detach(), batch).get("correct", 0))
     return res
+
+
+def task_of(sm: SplitModel) -> Task:
+    """The task a split model's head serves (its loss and metrics)."""
+    pad = int(sm.tokenizer.pad_token_id)
+    return CausalLM(pad) if sm.decoder else Classification(pad, sm.num_classes)
 
 
 def leaves(state: Params, prefix: str) -> Params:
@@ -127,21 +139,15 @@ def leaves(state: Params, prefix: str) -> Params:
 
 
 @torch.no_grad()
-def evaluate(sm: SplitModel, device_state: Params, server_state: Params, batches: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Loss (mean per example or per target token) and accuracy of the composed model."""
+def evaluate(sm: SplitModel, device_state: Params, server_state: Params, batches: list[dict[str, Tensor]],
+             task: Task | None = None) -> dict[str, float]:
+    """The task's metrics (loss, and accuracy for a classifier) of the composed model."""
+    task = task or task_of(sm)
     dev = {s: {k[len(s) + 1:]: v for k, v in device_state.items() if k.startswith(s + ".")} for s in ("front", "back")}
     srv = {k[len("middle") + 1:]: v for k, v in server_state.items()}
-    total, count, correct, examples = 0.0, 0, 0, 0
+    sums: dict[str, float] = {}
     for batch in batches:
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         h = call(sm.middle, srv, call(sm.front, dev["front"], ids, mask), mask)
-        loss, logits = call(sm.back, dev["back"], h, mask, labels)
-        n = int((labels[:, 1:] != -100).sum()) if sm.decoder else int(labels.numel())
-        total, count = total + float(loss) * n, count + n
-        if not sm.decoder:
-            correct += int((logits.argmax(-1) == labels).sum())
-            examples += int(labels.numel())
-    out = {"loss": total / max(count, 1)}
-    if not sm.decoder:
-        out["accuracy"] = correct / max(examples, 1)
-    return out
+        sums = add_sums(sums, task.head_sums(call(sm.back, dev["back"], h, mask), batch))
+    return task.metrics(sums)

@@ -137,7 +137,7 @@ def train_round(ctx: SplitContext, r: int, st: RunState, plans: dict[int, Device
             dev, srv = devices[k], servers[k]
             dev.zero()
             srv.zero()
-            res = step(sm, dev.parts, srv.parts["middle"], batch, cfg.split.act_codec, cfg.split.grad_codec)
+            res = step(sm, dev.parts, srv.parts["middle"], batch, cfg.split.act_codec, cfg.split.grad_codec, ctx.task)
             got_up = res.bytes.get("act_up", 0) + res.bytes.get("mask_up", 0) + res.bytes.get("grad_up", 0)
             got_down = res.bytes.get("feat_down", 0) + res.bytes.get("grad_down", 0)
             if (got_up, got_down) != (want.total(UP), want.total(DOWN)):

@@ -45,6 +45,15 @@ class Task(Protocol):
     def eval_sums(self, model: PeftModel, batch: Batch) -> dict[str, float]:
         ...
 
+    def head_loss(self, output: Tensor, batch: Batch) -> Tensor:
+        """The training loss from the model's output (logits): what a split model's last segment,
+        which runs the head on the device, computes."""
+        ...
+
+    def head_sums(self, output: Tensor, batch: Batch) -> dict[str, float]:
+        """``eval_sums`` from the model's output (logits)."""
+        ...
+
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         ...
 

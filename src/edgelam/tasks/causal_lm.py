@@ -55,8 +55,15 @@ class CausalLM:
     def eval_sums(self, model: Any, batch: Batch) -> dict[str, float]:
         """Summed next-token cross-entropy over the answer tokens and their number."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        return self.head_sums(logits, batch)
+
+    def head_loss(self, output: Tensor, batch: Batch) -> Tensor:
+        """Mean next-token cross-entropy over the answer tokens (logits (B, T, V) predict token t+1)."""
+        return F.cross_entropy(output[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+
+    def head_sums(self, output: Tensor, batch: Batch) -> dict[str, float]:
         labels = batch["labels"][:, 1:]
-        total = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+        total = float(F.cross_entropy(output[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                       ignore_index=IGNORE, reduction="sum"))
         return {"loss_sum": total, "count": int((labels != IGNORE).sum())}
 

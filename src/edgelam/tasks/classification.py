@@ -88,11 +88,18 @@ class Classification:
         return out.float()  # (B, C)
 
     def loss(self, model: PeftModel, batch: Batch) -> Tensor:
-        return F.cross_entropy(self.logits(model, batch), batch["labels"])
+        return self.head_loss(self.logits(model, batch), batch)
 
     def eval_sums(self, model: Any, batch: Batch) -> dict[str, float]:
+        return self.head_sums(self.logits(model, batch), batch)
+
+    def head_loss(self, output: Tensor, batch: Batch) -> Tensor:
+        """Mean cross-entropy over the examples; ``output`` is the logits (B, C)."""
+        return F.cross_entropy(output.float(), batch["labels"])
+
+    def head_sums(self, output: Tensor, batch: Batch) -> dict[str, float]:
         """Summed cross-entropy, examples and correct predictions (argmax) of a batch."""
-        logits, labels = self.logits(model, batch), batch["labels"]
+        logits, labels = output.float(), batch["labels"]
         return {"loss_sum": float(F.cross_entropy(logits, labels, reduction="sum")), "count": int(labels.numel()),
                 "correct": int((logits.argmax(-1) == labels).sum())}
 
