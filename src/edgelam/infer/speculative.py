@@ -46,6 +46,15 @@ class SpecStats:
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
+    def record(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """One draft-and-verify round."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.gammas.append(drafted)
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+
 
 class AdaptiveGamma:
     """Chooses the draft length from measured acceptance and timings (module docstring)."""
@@ -103,25 +112,8 @@ class Speculative:
         try:
             while produced < max_new_tokens:
                 g = min(self.gamma.choose(), max_new_tokens - produced - 1)
-                # draft g tokens; the first call catches the draft up on what it has not seen
-                drafts: list[int] = []
-                t = time.perf_counter()
-                feed, pos = seq[d_len:], d_len
-                for _ in range(g):
-                    out, _ = self.draft.call({"input_ids": torch.tensor([feed])}, {"session": sd, "position": pos,
-                                                                                     "adapter": self.adapter})
-                    pos += len(feed)
-                    drafts.append(int(out["token_ids"][0, -1]))
-                    feed = [drafts[-1]]
-                d_len = pos if g else d_len
-                draft_s = time.perf_counter() - t
-                # verify: the target's unseen tail of seq, then the drafts, in one call
-                t = time.perf_counter()
-                tail = seq[t_len:] + drafts
-                out, _ = self.target.call({"input_ids": torch.tensor([tail])}, {"session": stg, "position": t_len,
-                                                                                "adapter": self.adapter})
-                verify_s = time.perf_counter() - t
-                preds = out["token_ids"][0].tolist()[len(seq) - t_len - 1:]  # after seq's last token, then after each draft
+                drafts, d_len, draft_s = self._draft(seq, d_len, g, sd)
+                preds, verify_s = self._verify(seq, t_len, drafts, stg)
                 n = 0
                 while n < g and drafts[n] == preds[n]:
                     n += 1
@@ -129,12 +121,7 @@ class Speculative:
                 t_len = len(seq) + n  # the target holds seq and the accepted drafts
                 d_len = min(d_len, len(seq) + n)
                 self.gamma.observe(g, n, draft_s, verify_s)
-                st.rounds += 1
-                st.drafted += g
-                st.accepted += n
-                st.gammas.append(g)
-                st.draft_s += draft_s
-                st.verify_s += verify_s
+                st.record(g, n, draft_s, verify_s)
                 for tok in new:
                     seq.append(tok)
                     produced += 1
@@ -146,6 +133,29 @@ class Speculative:
         finally:
             for tr, sid in ((self.draft, sd), (self.target, stg)):
                 tr.close_session(sid)
+
+    def _draft(self, seq: list[int], d_len: int, g: int, session: str) -> tuple[list[int], int, float]:
+        """g draft tokens, the first call catching the draft up on what it has not seen:
+        (drafts, tokens the draft's cache then holds, seconds)."""
+        drafts: list[int] = []
+        t = time.perf_counter()
+        feed, pos = seq[d_len:], d_len
+        for _ in range(g):
+            out, _ = self.draft.call({"input_ids": torch.tensor([feed])}, {"session": session, "position": pos,
+                                                                             "adapter": self.adapter})
+            pos += len(feed)
+            drafts.append(int(out["token_ids"][0, -1]))
+            feed = [drafts[-1]]
+        return drafts, (pos if g else d_len), time.perf_counter() - t
+
+    def _verify(self, seq: list[int], t_len: int, drafts: list[int], session: str) -> tuple[list[int], float]:
+        """The target's greedy token after seq's last token and after each draft, from one call on its
+        unseen tail of seq and the drafts: (predictions, seconds)."""
+        t = time.perf_counter()
+        tail = seq[t_len:] + drafts
+        out, _ = self.target.call({"input_ids": torch.tensor([tail])}, {"session": session, "position": t_len,
+                                                                        "adapter": self.adapter})
+        return out["token_ids"][0].tolist()[len(seq) - t_len - 1:], time.perf_counter() - t
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> SpecStats:
         st = SpecStats()
