@@ -107,10 +107,12 @@ def main() -> None:
     peak = gemm_peak_flops()
     print(f"machine: {cpu_name()} torch threads, torch {torch.__version__}")
     print(f"model {args.model}, LoRA r=8 q/v, batch {args.batch} x seq {args.seq}, {args.steps} steps x {args.repeats} repeats")
-    print("| loop | median s | tokens/s | ratio |")
+    pair = sorted(b / o for o, b in zip(ours, bare))  # per alternating pair: EdgeLAM's speed / bare speed
+    print("| loop | median s (min..max) | tokens/s | ratio (per-pair min..max) |")
     print("|---|---|---|---|")
-    print(f"| bare PyTorch + PEFT | {statistics.median(bare):.2f} | {bare_tps:.1f} | 1.00 |")
-    print(f"| EdgeLAM client (local_train) | {statistics.median(ours):.2f} | {ours_tps:.1f} | {ours_tps / bare_tps:.3f} |")
+    print(f"| bare PyTorch + PEFT | {statistics.median(bare):.2f} ({min(bare):.2f}..{max(bare):.2f}) | {bare_tps:.1f} | 1.00 |")
+    print(f"| EdgeLAM client (local_train) | {statistics.median(ours):.2f} ({min(ours):.2f}..{max(ours):.2f}) | "
+          f"{ours_tps:.1f} | {ours_tps / bare_tps:.3f} ({pair[0]:.3f}..{pair[-1]:.3f}) |")
     print(f"FLOPs per step (analytic): {upd.flops / args.steps:.3e}; achieved {achieved / 1e9:.1f} GFLOP/s; "
           f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s; utilisation {achieved / peak:.1%}")
     assert lora_train_flops(fm, tokens, args.seq) == upd.flops
