@@ -74,3 +74,31 @@ def test_planned_flops_follow_the_seeded_batches(repo):
         assert res.update.flops == one
     finally:
         drv.close()
+
+
+def test_an_upload_that_depends_on_training_is_priced_on_what_was_sent(repo):
+    # HetLoRA's self-pruning decides the rank from the trained values: the plan (from shapes) is an
+    # upper bound, and the trip is priced with the bytes that were sent, never above the plan
+    import dataclasses
+
+    from edgelam.fl.hetero import truncate
+    from edgelam.fl.rounds import start_jobs
+    from edgelam.fl.strategies.fedavg import FedAvg
+    from edgelam.net.topology import draw_links
+
+    @dataclasses.dataclass(frozen=True)
+    class HalvesWhenTrained(FedAvg):
+        def upload(self, client, state, adapter):
+            trained = any(not torch.equal(v, state["global." + k]) for k, v in adapter.items())
+            return truncate(adapter, 4) if trained else adapter
+
+    drv = _driver(repo, "fedavg", "fl.rank.ranks=[8]")
+    try:
+        ctx, st = drv.ctx, drv.initial_state()
+        ctx.strategy = HalvesWhenTrained()
+        links = draw_links(ctx.cfg.net, ctx.topology, [0], __import__("numpy").random.default_rng(0))
+        job = start_jobs(ctx, st.state, 1, [0], links, {0: 3}, 0.0)[0]
+        full = len(serialize({k[len("global."):]: v for k, v in st.state.items()}))
+        assert job.cost.bytes_up == len(serialize(job.update.state)) < full
+    finally:
+        drv.close()

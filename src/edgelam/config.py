@@ -322,6 +322,3 @@ class RunConfig:
                                     ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ())):
             _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
                      f"server trains the middle); leave it at {default!r}", value)
-        if self.data.source in CLASSIFICATION_SOURCES:
-            _require(self.model.dtype == "float32", "model.dtype", "must be float32 for an encoder (classification) "
-                     "split run", self.model.dtype)

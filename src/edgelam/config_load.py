@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
-from edgelam.config import ConfigError, RunConfig, _require
+from edgelam.config import RunConfig
+from edgelam.config_checks import ConfigError
+from edgelam.config_checks import require as _require
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

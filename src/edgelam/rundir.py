@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from edgelam.store import atomic_write_bytes, atomic_write_text, to_json_line
+from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, to_json_line
 
 CHECKPOINT = "state/checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -285,11 +285,4 @@ class RunFolder:
         return self.path / rel
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        text = json.dumps(json_safe(summary), indent=2, sort_keys=True, allow_nan=False, default=_plain) + "\n"
-        self.write_text("summary.json", text)
-
-
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+        self._write(lambda: atomic_write_json(self.path / "summary.json", json_safe(summary)))

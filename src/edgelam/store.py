@@ -33,7 +33,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Strict JSON (no NaN or infinity: pass such values through ``rundir.json_safe`` first)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

@@ -170,7 +170,7 @@ def to_example(record: dict[str, Any], fmt: str, task: str | None, origin: str =
         turns = tuple((str(m["role"]), str(m["content"])) for m in record["messages"])
         user = [c for r, c in turns if r == "user"]
         return Example(user[-1] if user else "", "", turns[-1][1], task or "chat", turns=turns, origin=origin)
-    raise DataError(f"unknown data format '{fmt}'; allowed: {list(FORMAT_KEYS)}")
+    raise AssertionError(f"convert() checks the format first (got '{fmt}')")
 
 
 def convert(records: Sequence[Record], fmt: str, task: str | None, where: str) -> list[Example]:

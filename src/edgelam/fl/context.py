@@ -26,18 +26,17 @@ from edgelam.tasks.base import add_sums
 class Prober:
     """A client's loss on (up to 16 of) its training examples under a given adapter.
 
-    Each call is charged to the client: the adapter's bytes on the downlink, the forward FLOPs
-    on its compute (IFCA downloads every cluster model and evaluates each locally).
+    Its forward FLOPs are charged to the client's compute (``flops``); the downloads of every
+    candidate are priced by the trip's plan (``fl/executor.plan_trip``).
     """
 
     def __init__(self, ctx: "Context", client: int, max_examples: int = 16) -> None:
         self.ctx, self.data = ctx, ctx.data.clients[client].train[:max_examples]
-        self.bytes_down, self.flops = 0, 0.0
+        self.flops = 0.0
 
     def __call__(self, adapter: State) -> float:
         set_adapter_state(self.ctx.model, adapter)
         sums = task_sums(self.ctx.task, self.ctx.model, self.data, self.ctx.cfg.eval.batch_size)
-        self.bytes_down += len(serialize(adapter))
         width = max(len(e.input_ids) for e in self.data)
         self.flops += forward_flops(self.ctx.flops, width * len(self.data), width)
         return sums.get("loss_sum", 0.0) / max(sums.get("count", 0), 1)
@@ -126,7 +125,8 @@ class BaseWeights:
         self.applied: State = {}
 
     def apply(self, delta: State) -> None:
-        if not delta and not self.applied:
+        same = delta.keys() == self.applied.keys() and all(delta[k] is self.applied[k] for k in delta)
+        if same:  # every trip of a round brings the round's delta: merge it once
             return
         unknown = sorted(set(delta) - set(self.layers))[:3]
         if unknown:

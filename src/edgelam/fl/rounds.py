@@ -49,9 +49,11 @@ def uplink(ctx: Context, state: State, k: int, version: int, trained: State, sta
 
 def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], links: dict[int, LinkState],
                seeds: dict[int, int], now: float, train: TrainConfig | None = None, net: NetConfig | None = None) -> list[Job]:
-    """Client trips: planned and priced from shapes, trained by the executor (all works at once, so a
-    pool can run them in parallel), each checked against its plan. Arrival times come from the plans
-    alone; training runs in zero simulated time."""
+    """Client trips: planned from shapes, trained by the executor (all works at once, so a pool can
+    run them in parallel), each checked against its plan, then priced on the client's link.
+    Training runs in zero simulated time. The planned upload is an upper bound: a strategy whose
+    upload depends on the trained values (HetLoRA's rank self-pruning) may send less, and the
+    trip is priced with what it sent."""
     works = [make_work(ctx, state, version, k, seeds[k], train) for k in ks]
     plans = []
     for w in works:
@@ -61,12 +63,12 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     jobs = []
     for w, plan, res in zip(works, plans, results):
         k = w.client
-        cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, plan.bytes_up, plan.flops)
         sent = uplink(ctx, state, k, version, res.update.state, res.start)
         got = (len(serialize(sent)), res.update.flops + res.probe_flops)
-        if got[0] != plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9):
+        if got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9):
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
                                f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
+        cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0], plan.flops)
         upd = dataclasses.replace(res.update, state=to_server(sent, res.start))  # the server sees only what crossed
         jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s))
     return jobs

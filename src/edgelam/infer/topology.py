@@ -60,6 +60,7 @@ from edgelam.infer.speculative import (
     SpecStats,
     Speculative,
 )
+from edgelam.models.split import is_encoder
 
 __all__ = ["RUNNERS", "Runner", "Service", "Topology", "free_port", "load_topology", "open_topology", "start_service",
            "stop_services", "wait_ready"]
@@ -86,9 +87,6 @@ ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "
            "emulate_links", "hop_overhead_ms"}
 MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
              "escalation": {"tiers"}, "multi_access": {"servers", "seed"}}
-
-
-ENCODER_MODELS = ("tiny-encoder", "minilm")  # split-learning encoders: no causal LM head to generate with
 
 
 def _number(data: dict[str, Any], key: str, default: float | None, minimum: float, where: str, integer: bool = False,
@@ -187,7 +185,7 @@ def _read_mapping(p: Path) -> dict[str, Any]:
 
 
 def _check_model(model: str, where: str) -> None:
-    if model in ENCODER_MODELS or model.startswith("encoder:"):
+    if is_encoder(model):  # no causal LM head to generate with
         raise ConfigError(f"{where}: model '{model}' is an encoder (split learning); inference topologies need a causal "
                           f"LM: tiny, tiny-varied, smollm2, a Hugging Face id or a .gguf file")
 

@@ -3,17 +3,14 @@ will train, and from their shapes the exact bytes, FLOPs and the scheduler's per
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgelam.config import CLASSIFICATION_SOURCES, ConfigError, RunConfig
-from edgelam.data.build import resolve_auto
+from edgelam.config import ConfigError, RunConfig
 from edgelam.fl.client import batches, num_local_steps
-from edgelam.models.split import SplitModel, build_split, is_encoder
+from edgelam.models.split import SplitModel, build_split
 from edgelam.net import channel
 from edgelam.net.topology import Topology, place_devices
 from edgelam.split import scheduling
@@ -29,11 +26,9 @@ class SplitContext:
     sm: SplitModel
     clients: list[list[Any]]  # each device's training examples (Labeled or Encoded)
     eval_batches: list[dict[str, torch.Tensor]]
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     topology: Topology
     radio: Radio
     description: str
-    classes: tuple[str, ...]
     budget: list[float]
     task: Task  # the loss and metrics of the head (tasks/)
 
@@ -42,29 +37,27 @@ def setup_split(cfg: RunConfig) -> SplitContext:
     """The task's data and collation (``tasks/``), the model cut at ``split.cut``, devices and radio."""
     if cfg.net.num_edge_servers != 1:
         raise ConfigError("split learning runs against one edge server; set net.num_edge_servers: 1")
-    encoder = is_encoder(cfg.model.name)
-    if encoder != (cfg.data.source in CLASSIFICATION_SOURCES):
-        raise ConfigError(f"model '{cfg.model.name}' with data.source '{cfg.data.source}': an encoder (tiny-encoder, minilm) "
-                          f"trains a classifier on {', '.join(CLASSIFICATION_SOURCES)}; a decoder (tiny, smollm2, ...) a "
-                          f"causal LM on text data")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ts = setup_task(dataclasses.replace(cfg, data=resolve_auto(cfg.data)[0]))
-    classes: tuple[str, ...] = tuple(getattr(ts.task, "classes", ()))
-    sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes), cfg.split.embedding_lora, cfg.seed,
-                     cfg.model.dtype)
+    ts = setup_task(cfg)  # the task's own set-up rejects a model of the wrong kind before loading it
+    sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes_of(ts.task)), cfg.split.embedding_lora,
+                     cfg.seed, cfg.model.dtype)
     clients: list[list[Any]] = [c.train for c in ts.data.clients]
     test = [e for xs in ts.data.global_eval.values() for e in xs[: cfg.eval.max_per_task]]
-    desc, coll = ts.data.description, ts.task.collate
     bs = cfg.eval.batch_size
-    eval_batches = [coll(test[i: i + bs]) for i in range(0, len(test), bs)]
+    eval_batches = [ts.task.collate(test[i: i + bs]) for i in range(0, len(test), bs)]
     topo = place_devices(cfg.net, len(clients), rng_for(cfg.seed, Purpose.PLACEMENT))
     net = cfg.net
     radio = Radio(net.uplink_bandwidth_hz, net.downlink_bandwidth_hz, channel.dbm_to_w(net.server_tx_power_dbm),
                   channel.dbm_to_w(net.noise_psd_dbm_hz + net.noise_figure_db))
     sched = cfg.split.schedule
     budget = list(sched.budget_per_device) or [sched.budget_per_round] * len(clients)
-    return SplitContext(cfg, sm, clients, eval_batches, coll, topo, radio, desc, classes, budget, ts.task)
+    return SplitContext(cfg, sm, clients, eval_batches, topo, radio, ts.data.description, budget, ts.task)
+
+
+def classes_of(task: Task) -> tuple[str, ...]:
+    """A classifier task's class names in label order (none for a causal LM)."""
+    return tuple(getattr(task, "classes", ()))
 
 
 # --- planning ---
@@ -88,7 +81,7 @@ def plan_device(ctx: SplitContext, k: int, r: int, adapter_bytes: int) -> Device
     cfg = ctx.cfg
     gen = torch.Generator().manual_seed(torch_seed_for(cfg.seed, Purpose.TRAIN, r, k))
     stream = batches(ctx.clients[k], cfg.train.batch_size, gen)
-    bs = [ctx.collate(next(stream)) for _ in range(num_local_steps(cfg.train, len(ctx.clients[k])))]
+    bs = [ctx.task.collate(next(stream)) for _ in range(num_local_steps(cfg.train, len(ctx.clients[k])))]
     steps = [plan(ctx.sm, b, cfg.split.act_codec, cfg.split.grad_codec) for b in bs]
     return DevicePlan(k, bs, steps, adapter_bytes)
 

@@ -34,7 +34,7 @@ from edgelam.models.lora import serialize
 from edgelam.models.split import unload
 from edgelam.rundir import RunFolder, RunState, zero_row
 from edgelam.split import scheduling
-from edgelam.split.context import DevicePlan, SplitContext, decide, device_load, plan_device, setup_split
+from edgelam.split.context import DevicePlan, SplitContext, classes_of, decide, device_load, plan_device, setup_split
 from edgelam.split.scheduling import Decision, DeviceLoad
 from edgelam.split.step import DOWN, UP, evaluate
 from edgelam.split.train import Timeline, Trained, sides, simulate, train_round
@@ -198,7 +198,7 @@ class SplitDriver:
         sm.peft.save_pretrained(str(path))
         if not sm.decoder:
             head = {f"linear.{k}": v.detach().clone().contiguous() for k, v in sm.back.head.linear.state_dict().items()}
-            meta = {"classes": ",".join(self.ctx.classes), "pooling": "mean"}
+            meta = {"classes": ",".join(classes_of(self.ctx.task)), "pooling": "mean"}
             (path / "classifier.safetensors").write_bytes(st_save(head, metadata=meta))
 
     def close(self) -> None:

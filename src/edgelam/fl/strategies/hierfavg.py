@@ -17,13 +17,12 @@ from edgelam.fl.strategies.base import Scheme
 
 @dataclass(frozen=True)
 class HierFAVG(Scheme):
-    """FedAvg's selection, dispatch and (cloud) weighted average, with the two tier periods."""
+    """FedAvg's selection, dispatch and (cloud) weighted average; the two tier periods (fl.hier.kappa1,
+    kappa2) are the hierarchical driver's (``fl/hierarchy.py``)."""
 
     driver: ClassVar[str] = "hier"
-    kappa1: int = 2
-    kappa2: int = 2
     name: str = "hierfavg"
 
     @classmethod
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "HierFAVG":
-        return cls(fraction=fl.fraction, kappa1=fl.hier.kappa1, kappa2=fl.hier.kappa2)
+        return cls(fraction=fl.fraction)
