@@ -363,23 +363,22 @@ def test_adapters_are_chosen_per_request(tmp_path) -> None:
     adapter = tmp_path / "fed" / "adapter"
     tiny = load_base("tiny", "float32", 0)
     host = ModuleHost("tiny", ModuleSpec("full"), {"fed": str(adapter)})
-    try:
-        ids = torch.tensor([prompt_ids(tiny.tokenizer, "2+2=")])
-        with_adapter = host.forward({"input_ids": ids}, {"session": "a", "position": 0, "adapter": "fed", "return_logits": True})[0]
-        without = host.forward({"input_ids": ids}, {"session": "b", "position": 0, "return_logits": True})[0]
-        with pytest.raises(ModuleError, match="adapter 'other' is not loaded"):
-            host.forward({"input_ids": ids}, {"session": "c", "position": 0, "adapter": "other"})
-        ref = host.peft  # the PEFT model the host loaded: compare with PEFT's own forward
-        with torch.no_grad():
-            ref.set_adapter("fed")
-            want = ref(input_ids=ids).logits
-            with ref.disable_adapter():
-                want_base = ref(input_ids=ids).logits
-        assert torch.allclose(with_adapter["logits"], want, atol=1e-5)
-        assert torch.allclose(without["logits"], want_base, atol=1e-5)
-        assert not torch.allclose(with_adapter["logits"], without["logits"], atol=1e-4)
-    finally:
-        host.peft.unload()
+    ids = torch.tensor([prompt_ids(tiny.tokenizer, "2+2=")])
+    with_adapter = host.forward({"input_ids": ids}, {"session": "a", "position": 0, "adapter": "fed", "return_logits": True})[0]
+    without = host.forward({"input_ids": ids}, {"session": "b", "position": 0, "return_logits": True})[0]
+    with pytest.raises(ModuleError, match="adapter 'other' is not loaded"):
+        host.forward({"input_ids": ids}, {"session": "c", "position": 0, "adapter": "other"})
+    ref = host.served.model  # the PEFT model the host loaded (on its own copy of the base): PEFT's own forward
+    with torch.no_grad():
+        ref.set_adapter("fed")
+        want = ref(input_ids=ids).logits
+        with ref.disable_adapter():
+            want_base = ref(input_ids=ids).logits
+    assert torch.allclose(with_adapter["logits"], want, atol=1e-5)
+    assert torch.allclose(without["logits"], want_base, atol=1e-5)
+    assert not torch.allclose(with_adapter["logits"], without["logits"], atol=1e-4)
+    # the cached base other code shares is untouched: the host's adapters live on its own copy
+    assert torch.allclose(tiny.model(input_ids=ids).logits, want_base, atol=1e-5)
 
 
 def test_pipeline_spread_over_servers_survives_one_leaving(base, tmp_path) -> None:

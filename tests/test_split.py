@@ -107,12 +107,9 @@ def _rows(path) -> list[dict]:
 
 
 def test_tiny_split_run_end_to_end(tmp_path, split_source: str) -> None:
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from edgelam.data.classification import build_classification, collate_labeled
+    from edgelam.data.classification import build_classification
     from edgelam.lifecycle import run
-    from edgelam.models.split import ClassifierHead, load_encoder
+    from edgelam.tasks.serving import load_served
 
     out = tmp_path / "run"
     summary = run(_cfg(split_source), out)
@@ -137,21 +134,19 @@ def test_tiny_split_run_end_to_end(tmp_path, split_source: str) -> None:
     for k, spent in enumerate(summary["spent_per_round"]):
         assert spent <= 0.05 + final_q[k] / 2 + 1e-12
     assert (out / "plots" / "curves.png").stat().st_size > 0
-    # the saved adapter (PEFT format) + classifier reproduce the run's final evaluation
-    base, tok = load_encoder("tiny-encoder", 0)
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
-    head = ClassifierHead(64, 2, seed=0)
-    head.linear.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(out / "adapter" / "classifier.safetensors").items()})
+    # the saved adapter (the classification task's format, with its card) served through the task
+    # reproduces the run's final evaluation
+    served = load_served(None, {"split": str(out / "adapter")})
+    assert served.card == {"task": "classification", "model": "tiny-encoder", "base_seed": 0,
+                           "classes": ["negative", "positive"]}
     cfg = _cfg(split_source)
-    test = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task).test
+    test = build_classification(cfg.data, served.tokenizer, cfg.seed, cfg.eval.max_per_task).test
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(test), 32):
-            b = collate_labeled(test[i: i + 32], int(tok.pad_token_id))
-            logits = head(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state, b["attention_mask"])
-            total += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            b = served.task.collate(test[i: i + 32])
+            total += served.task.head_sums(served.task.output(served.model, b), b)["loss_sum"]
             n += len(b["labels"])
-    model.unload()
     assert total / n == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
 
 

@@ -176,8 +176,10 @@ def plot_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Option("tiny-varied", "--model", help="model.name as in run configs (tiny-varied, smollm2, HF id, .gguf)"),
-    module: str = typer.Option(..., "--module", help="embed | head | full | full:K | blocks:START:STOP (blocks START..STOP-1)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model.name as in run configs (tiny-varied, smollm2, HF id, "
+                                        ".gguf); default: the adapters' (their edgelam_task.json), else tiny-varied"),
+    module: str = typer.Option(..., "--module", help="embed | head | full | full:K | blocks:START:STOP (blocks START..STOP-1); "
+                                                    "a classifier: full"),
     port: int = typer.Option(8100, "--port", help="TCP port, 1-65535"),
     host: str = typer.Option("127.0.0.1", "--host"),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PEFT_FOLDER, repeatable; chosen per request"),
@@ -189,7 +191,8 @@ def serve_cmd(
     max_body_mb: float = typer.Option(256.0, "--max-body-mb", help="largest request body in MiB (413 above, checked "
                                                                     "before the body is read)"),
 ) -> None:
-    """Serve one module of a model over HTTP (FastAPI): /v1/forward, /health, /ready, /info, /metrics."""
+    """Serve one module of a model over HTTP (FastAPI): /v1/forward, /v1/predict, /health, /ready, /info, /metrics.
+    The task (causal LM, classification) and base model come from the adapters' task cards."""
     from edgelam.infer.service import serve
 
     def go() -> None:

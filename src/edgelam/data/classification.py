@@ -108,6 +108,7 @@ class ClassData:
     test: list[Labeled]
     classes: tuple[str, ...]
     description: str
+    test_text: tuple[str, ...] = ()  # the test examples' texts, in the order of ``test``
 
 
 def read_tsv(path: Path, src: Source) -> list[tuple[str, int]]:
@@ -180,7 +181,8 @@ def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, se
     clients = [tokenize([pool[i] for i in part], tokenizer, cfg.max_length, cfg.source) for part in parts]
     desc = (f"{cfg.source} ({where}): {want} training examples over {cfg.num_clients} clients ({cfg.partition}), "
             f"{len(test)} test examples, {len(classes)} classes")
-    return ClassData(clients, tokenize(test, tokenizer, cfg.max_length, cfg.source), classes, desc)
+    return ClassData(clients, tokenize(test, tokenizer, cfg.max_length, cfg.source), classes, desc,
+                     tuple(text for text, _ in test))
 
 
 def collate_labeled(batch: list[Labeled], pad_id: int) -> dict[str, Tensor]:

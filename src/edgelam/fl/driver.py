@@ -11,6 +11,7 @@ class says which (``driver``); the run folder around the rounds is ``lifecycle.r
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import simpy
@@ -25,9 +26,11 @@ from edgelam.fl.events import run_async
 from edgelam.fl.hierarchy import run_hier_round
 from edgelam.fl.rounds import metrics_row, run_round
 from edgelam.fl.strategies.base import GLOBAL
-from edgelam.models.lora import get_adapter_state, save_adapter, set_adapter_state
+from edgelam.models.load import base_seed
+from edgelam.models.lora import AdapterState, get_adapter_state, save_adapter, set_adapter_state
 from edgelam.rundir import RunFolder, RunState
 from edgelam.store import Purpose, rng_for, to_json_line
+from edgelam.tasks.serving import write_card
 
 Commit = Callable[[dict[str, Any]], None]
 Wall = Callable[[], float]
@@ -99,9 +102,15 @@ class FLDriver:
         if delta:  # FLoRA merges into the base: the exact result is this dense delta per module
             folder.write_bytes("base_delta.safetensors", save({k: v.contiguous() for k, v in delta.items()}))
         paths = {}
+        seed = base_seed(ctx.cfg.model.name, ctx.cfg.seed)
+
+        def write(tmp: Path, state: AdapterState) -> None:
+            save_adapter(ctx.model, state, tmp)
+            write_card(tmp, ctx.task, ctx.cfg.model.name, seed)  # what `edgelam serve` rebuilds the model from
+
         for name, adapter in adapters.items():
             rel = "adapter" if list(adapters) == [GLOBAL] else f"adapters/{name}"
-            paths[name] = folder.replace_dir(rel, lambda tmp, a=adapter: save_adapter(ctx.model, a, tmp))  # type: ignore[misc]
+            paths[name] = folder.replace_dir(rel, lambda tmp, a=adapter: write(tmp, a))  # type: ignore[misc]
         if ctx.cfg.eval.generate:
             folder.write_text("samples.jsonl", "".join(to_json_line(a) + "\n" for a in self._answers(st, adapters)))
         return {"data": ctx.data.description, "adapter": str(next(iter(paths.values()))),

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from edgelam.models.load import load_base
+from edgelam.tasks.serving import load_served
 
 
 class ModuleError(ValueError):
@@ -83,46 +83,40 @@ DEFAULT_MAX_REQUEST_TOKENS = 8192
 
 
 class ModuleHost:
-    """Loads the base model, keeps only what ``spec`` needs in use, and serves forward calls."""
+    """Builds the served model through its task (``tasks/serving.py``), keeps only what ``spec``
+    needs in use, and serves forward calls. A generating task (a decoder) is served as modules with
+    KV-cache sessions; any other task whole (``full``), one stateless batch per request."""
 
-    def __init__(self, model_name: str, spec: ModuleSpec, adapters: dict[str, str] | None = None,
+    def __init__(self, model_name: str | None, spec: ModuleSpec, adapters: dict[str, str] | None = None,
                  dtype: str = "float32", session_ttl_s: float = 300.0,
                  max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> None:
         if not session_ttl_s > 0:
             raise ValueError(f"session TTL must be > 0 seconds, got {session_ttl_s}")
         if max_request_tokens < 1:
             raise ValueError(f"max tokens per request must be >= 1, got {max_request_tokens}")
-        base = load_base(model_name, dtype, 0)
-        self.model_name, self.spec, self.session_ttl_s = model_name, spec, session_ttl_s
-        self.config = base.model.config
+        self.served = served = load_served(model_name, adapters, dtype)
+        self.task = served.task
+        if not self.task.generates and str(spec) != "full":
+            raise ValueError(f"a {self.task.name} model is served whole: --module full (embed, blocks and head "
+                             f"modules with KV-cache sessions are for decoders that generate)")
+        self.model_name, self.spec, self.session_ttl_s = served.model_name, spec, session_ttl_s
+        self.config: Any = getattr(served.base, "config")
         self.num_layers = int(self.config.num_hidden_layers)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)  # 0: no limit known
         self.max_request_tokens = max_request_tokens
         if spec.kind in ("blocks", "full") and spec.end > self.num_layers:
             raise ValueError(f"{spec} exceeds the model's {self.num_layers} blocks")
-        self.peft: Any = None
-        self.adapters = sorted(adapters or {})
-        if adapters:
-            from peft import PeftModel
-
-            names = sorted(adapters)
-            for n in names:
-                if not (Path(adapters[n]) / "adapter_config.json").is_file():
-                    raise ValueError(f"adapter '{n}': {adapters[n]} is not a PEFT adapter folder (no adapter_config.json)")
-            self.peft = PeftModel.from_pretrained(base.model, adapters[names[0]], adapter_name=names[0])
-            for n in names[1:]:
-                self.peft.load_adapter(adapters[n], adapter_name=n)
-            self.peft.eval()
-        lm = base.model
-        self.backbone: Any = lm.model
-        self.embed = self.backbone.embed_tokens
-        if spec.kind == "blocks":
-            self.layers = list(self.backbone.layers)[spec.start: spec.end]
-        elif spec.kind == "full":
-            self.layers = list(self.backbone.layers)[: spec.end or self.num_layers]
-        else:
-            self.layers = []
-        self.norm, self.lm_head = self.backbone.norm, lm.lm_head
+        self.adapters = served.adapters
+        self.layers: list[Any] = []
+        if self.task.generates:
+            lm: Any = served.base
+            self.backbone: Any = lm.model
+            self.embed = self.backbone.embed_tokens
+            if spec.kind == "blocks":
+                self.layers = list(self.backbone.layers)[spec.start: spec.end]
+            elif spec.kind == "full":
+                self.layers = list(self.backbone.layers)[: spec.end or self.num_layers]
+            self.norm, self.lm_head = self.backbone.norm, lm.lm_head
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
         self.stats = {"requests_total": 0, "tokens_total": 0, "errors_total": 0, "sessions_expired_total": 0,
@@ -133,24 +127,10 @@ class ModuleHost:
         return int(self.config.hidden_size)
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.model_name, "module": str(self.spec), "num_layers": self.num_layers,
-                "hidden_size": self.hidden_size, "vocab_size": int(self.config.vocab_size), "adapters": self.adapters,
-                "sessions": len(self.sessions), "max_position_embeddings": self.max_positions,
-                "max_request_tokens": self.max_request_tokens}
-
-    def _adapter_context(self, adapter: str | None) -> Any:
-        import contextlib
-
-        if self.peft is None or adapter in (None, "", "base"):
-            if self.peft is not None:
-                return self.peft.disable_adapter()
-            if adapter not in (None, "", "base"):
-                raise ModuleError(f"adapter '{adapter}' is not loaded here; this module serves the base model only")
-            return contextlib.nullcontext()
-        if adapter not in self.adapters:
-            raise ModuleError(f"adapter '{adapter}' is not loaded here; loaded: {self.adapters}")
-        self.peft.set_adapter(adapter)
-        return contextlib.nullcontext()
+        return {"model": self.model_name, "module": str(self.spec), "task": self.task.name, **self.task.card(),
+                "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "vocab_size": int(self.config.vocab_size), "adapters": self.adapters, "sessions": len(self.sessions),
+                "max_position_embeddings": self.max_positions, "max_request_tokens": self.max_request_tokens}
 
     def expire(self, now: float | None = None) -> int:
         """Close sessions idle for longer than the TTL; returns how many."""
@@ -166,13 +146,21 @@ class ModuleHost:
         with self.lock:
             return self.sessions.pop(session, None) is not None
 
-    @torch.no_grad()
     def forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Run the module; ``errors_total`` is counted by the HTTP service (every error response)."""
+        return self._locked(meta.get("adapter"), lambda: self._forward(tensors, meta))
+
+    @torch.no_grad()
+    def _locked(self, adapter: Any, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under the lock with ``adapter`` active, counted in the stats."""
         t0 = time.perf_counter()
+        try:
+            self.served.check(adapter)
+        except LookupError as exc:
+            raise ModuleError(str(exc.args[0])) from None
         with self.lock:
-            with self._adapter_context(meta.get("adapter")):
-                out = self._forward(tensors, meta)
+            with self.served.use(adapter):
+                out = fn()
             self.stats["requests_total"] += 1
             self.stats["request_seconds_sum"] += time.perf_counter() - t0
             return out
@@ -185,6 +173,8 @@ class ModuleHost:
                 raise ModuleError(f"{kind} expects an int32 / int64 tensor 'input_ids' of shape (batch, tokens)")
             if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
                 raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
+            if not self.task.generates:
+                return self._whole({"input_ids": ids, "attention_mask": self._mask(tensors, ids)}, meta), {}
             self._check_request_tokens(ids.shape[1])
             self.stats["tokens_total"] += ids.numel()
             if kind == "embed":
@@ -215,13 +205,54 @@ class ModuleHost:
                               f"positions (max_position_embeddings)", status=413)
 
     def _head(self, hidden: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
-        """Greedy next token and its probability at every position (logits on request)."""
+        """The task's prediction at every position (a decoder's: greedy next token and its
+        probability), the logits on request."""
         logits = self.lm_head(self.norm(hidden)).float()
-        top_p, top_i = torch.softmax(logits, dim=-1).max(dim=-1)
-        out = {"token_ids": top_i, "top_prob": top_p}
+        out = self.task.predict(logits)
         if meta.get("return_logits"):
             out["logits"] = logits
         return out
+
+    def _mask(self, tensors: dict[str, Tensor], ids: Tensor) -> Tensor:
+        """The request's 'attention_mask' (0 / 1, right padding, no empty row), all ones when absent."""
+        mask = tensors.get("attention_mask")
+        if mask is None:
+            return torch.ones_like(ids)
+        if mask.shape != ids.shape or mask.dtype not in (torch.int32, torch.int64) or bool(((mask != 0) & (mask != 1)).any()):
+            raise ModuleError(f"'attention_mask' must be 0 / 1 integers of the shape of input_ids {tuple(ids.shape)}")
+        if bool((mask.sum(dim=1) == 0).any()):
+            raise ModuleError("'attention_mask' has a row with no tokens")
+        return mask.long()
+
+    def _whole(self, batch: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+        """One stateless batch through the whole model and the task's ``predict`` (logits on request)."""
+        ids = batch["input_ids"]
+        self._check_request_tokens(ids.numel())
+        self._check_context(0, ids.shape[1])
+        self.stats["tokens_total"] += int(batch["attention_mask"].sum())
+        output = self.task.output(self.served.model, batch)
+        out = self.task.predict(output)
+        if meta.get("return_logits"):
+            out["logits"] = output.float()
+        return out
+
+    def predict(self, inputs: list[str], adapter: str | None = None, truncate: bool = False) -> list[dict[str, Any]]:
+        """Answers to raw inputs (text), one per input, as the task gives them: the whole model
+        (``full``) on one batch; an input over the model's context is refused unless ``truncate``."""
+        if str(self.spec) != "full":
+            raise ModuleError(f"predictions need the whole model: this service hosts {self.spec}; "
+                              f"start one with --module full")
+        limit = self.max_positions or self.max_request_tokens
+        try:
+            batch = self.task.request(self.served.tokenizer, inputs, limit if truncate else limit + 1)
+        except ValueError as exc:
+            raise ModuleError(f"inputs: {exc}") from None
+        longest = int(batch["attention_mask"].sum(dim=1).max())
+        if longest > limit:
+            raise ModuleError(f"an input has more than {limit} tokens, the model's context; shorten it or send "
+                              f"\"truncate\": true", status=413)
+        out = self._locked(adapter, lambda: self._whole(batch, {}))
+        return self.task.answers(out, batch, self.served.tokenizer)
 
     def _blocks(self, hidden: Tensor, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         sid = meta.get("session")

@@ -2,6 +2,8 @@
 
 Endpoints:
   POST   /v1/forward            safetensors in, safetensors out (application/x-safetensors)
+  POST   /v1/predict            JSON {"inputs": text | [texts], "adapter"?, "truncate"?} -> the task's
+                                answers (a classifier's label and scores; a decoder's next token)
   DELETE /v1/sessions/{id}      close a session and free its KV cache
   GET    /health                the process is up
   GET    /ready                 the module is loaded and serving
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from edgelam.infer.modules import DEFAULT_MAX_REQUEST_TOKENS, ModuleError, Modul
 from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_PREDICT_INPUTS = 256
 log = logging.getLogger("edgelam.serve")
 
 
@@ -127,13 +131,51 @@ async def forward(request: Request) -> Response:
     return Response(pack(out, out_meta, st.wire_dtype), media_type=CONTENT_TYPE)
 
 
+def predict_request(body: bytes) -> tuple[list[str], str | None, bool]:
+    """(inputs, adapter, truncate) of a /v1/predict body; ``ValueError`` naming what is wrong."""
+    try:
+        req = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the body must be JSON ({exc})") from None
+    if not isinstance(req, dict):
+        raise ValueError('the body must be a JSON object {"inputs": ...}')
+    inputs = req.get("inputs")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
+        raise ValueError("'inputs' must be a non-empty string or a non-empty list of non-empty strings")
+    if len(inputs) > MAX_PREDICT_INPUTS:
+        raise ValueError(f"{len(inputs)} inputs in one request; at most {MAX_PREDICT_INPUTS}")
+    adapter, truncate = req.get("adapter"), req.get("truncate", False)
+    if adapter is not None and not isinstance(adapter, str) or not isinstance(truncate, bool):
+        raise ValueError("'adapter' must be a string (an adapter name) and 'truncate' a boolean")
+    unknown = sorted(set(req) - {"inputs", "adapter", "truncate"})
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; a request has inputs, adapter and truncate")
+    return inputs, adapter, truncate
+
+
+async def predict(request: Request) -> Response:
+    st = state_of(request)
+    try:
+        inputs, adapter, truncate = predict_request(await read_limited(request, st.max_body_bytes))
+        answers = await asyncio.to_thread(st.host.predict, inputs, adapter, truncate)
+    except BodyTooLarge as exc:
+        return error(413, f"{exc} (edgelam serve --max-body-mb)", close=True)
+    except ModuleError as exc:
+        return error(exc.status, str(exc))
+    except ValueError as exc:
+        return error(400, str(exc))
+    host = st.host
+    return JSONResponse({"model": host.model_name, "task": host.task.name, "adapter": adapter, "predictions": answers})
+
+
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
 def ready(request: Request) -> dict[str, Any]:
     host = state_of(request).host
-    return {"ready": True, "module": str(host.spec), "model": host.model_name}
+    return {"ready": True, "module": str(host.spec), "model": host.model_name, "task": host.task.name}
 
 
 def info(request: Request) -> dict[str, Any]:
@@ -182,10 +224,11 @@ def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: flo
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/sessions/{session}", close_session, methods=["DELETE"])
     app.add_api_route("/v1/forward", forward, methods=["POST"])
+    app.add_api_route("/v1/predict", predict, methods=["POST"])
     return app
 
 
-def serve(model: str, module: str, port: int, host: str = "127.0.0.1", adapters: dict[str, str] | None = None,
+def serve(model: str | None, module: str, port: int, host: str = "127.0.0.1", adapters: dict[str, str] | None = None,
           session_ttl_s: float = 300.0, wire_dtype: str = "float32",
           max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Load the module, then serve it until stopped (SIGINT / SIGTERM)."""

@@ -120,9 +120,17 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
     return model, tok
 
 
-@lru_cache(maxsize=4)
-def load_base(name: str, dtype: str = "float32", seed: int = 0) -> BaseModel:
-    """Load (once per process) the base model ``name`` with its tokenizer, frozen, in eval mode."""
+SEEDED_BASES = ("tiny", "tiny-encoder")  # random test models: their weights come from the run's seed
+
+
+def base_seed(model: str, seed: int) -> int:
+    """The seed a run's base model ``model`` is built with: the run's for the random test models, 0 otherwise."""
+    return seed if model in SEEDED_BASES else 0
+
+
+def fresh_base(name: str, dtype: str = "float32", seed: int = 0) -> BaseModel:
+    """The base model ``name`` with its tokenizer, frozen, in eval mode (a new copy each call;
+    ``load_base`` is the per-process cached one)."""
     torch_dtype = getattr(torch, dtype)
     tok: PreTrainedTokenizerBase
     if name == "tiny":
@@ -147,3 +155,6 @@ def load_base(name: str, dtype: str = "float32", seed: int = 0) -> BaseModel:
     model.requires_grad_(False)
     model.eval()
     return BaseModel(model=model, tokenizer=tok, name=name)
+
+
+load_base = lru_cache(maxsize=4)(fresh_base)

@@ -78,3 +78,23 @@ def save_adapter(model: PeftModel, state: AdapterState, path: str | os.PathLike[
     """Save ``state`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
     set_adapter_state(model, state)
     model.save_pretrained(str(path))
+
+
+def load_adapters(model: nn.Module, adapters: dict[str, os.PathLike[str] | str]) -> PeftModel:
+    """``model`` with each PEFT adapter folder loaded under its name, in eval mode; the first
+    (by name) is active. A folder PEFT cannot read is a ``ValueError`` naming it."""
+    names = sorted(adapters)
+    peft: PeftModel | None = None
+    for n in names:
+        try:
+            if peft is None:
+                peft = PeftModel.from_pretrained(model, str(adapters[n]), adapter_name=n)
+            else:
+                peft.load_adapter(str(adapters[n]), adapter_name=n)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"adapter '{n}' ({adapters[n]}) does not load on this model: {exc}") from None
+    if peft is None:
+        raise ValueError("no adapter folders given")
+    peft.set_adapter(names[0])
+    peft.eval()
+    return peft

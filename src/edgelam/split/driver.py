@@ -26,18 +26,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from edgelam.config import RunConfig
 from edgelam.fl.strategies import build_strategy
+from edgelam.models.load import base_seed
 from edgelam.models.lora import serialize
 from edgelam.models.split import unload
 from edgelam.rundir import RunFolder, RunState, zero_row
 from edgelam.split import scheduling
-from edgelam.split.context import DevicePlan, SplitContext, classes_of, decide, device_load, plan_device, setup_split
+from edgelam.split.context import DevicePlan, SplitContext, decide, device_load, plan_device, setup_split
 from edgelam.split.scheduling import Decision, DeviceLoad
 from edgelam.split.step import DOWN, UP, evaluate
 from edgelam.split.train import Timeline, Trained, sides, simulate, train_round
+from edgelam.tasks.classification import to_classifier_adapter
+from edgelam.tasks.serving import write_card
 from edgelam.store import Purpose, rng_for
 
 Commit = Callable[[dict[str, Any]], None]
@@ -190,16 +192,16 @@ class SplitDriver:
         }
 
     def _save_adapter(self, st: RunState, path: Path) -> None:
-        """The LoRA tensors of both sides in PEFT format; the classifier beside them (classifier.safetensors)."""
-        sm = self.ctx.sm
+        """Both sides' LoRA tensors (and a classifier's head) as the task's adapter, with its card:
+        what a federated run of the same task saves, so `edgelam serve` serves either."""
+        sm, cfg = self.ctx.sm, self.ctx.cfg
         dev, srv = sides(st.state)
         sm.load_into_model(dev)
         sm.load_into_model(srv)
         sm.peft.save_pretrained(str(path))
         if not sm.decoder:
-            head = {f"linear.{k}": v.detach().clone().contiguous() for k, v in sm.back.head.linear.state_dict().items()}
-            meta = {"classes": ",".join(classes_of(self.ctx.task)), "pooling": "mean"}
-            (path / "classifier.safetensors").write_bytes(st_save(head, metadata=meta))
+            to_classifier_adapter(path, sm.back.head.state_dict())
+        write_card(path, self.ctx.task, cfg.model.name, base_seed(cfg.model.name, cfg.seed))
 
     def close(self) -> None:
         unload(self.ctx.sm)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 from peft import PeftModel
 from torch import Tensor, nn
@@ -28,7 +29,16 @@ Batch = dict[str, Tensor]
 class Task(Protocol):
     """One learning task. ``eval_sums`` returns sums over a batch that add up over batches and
     always holds ``loss_sum`` and ``count`` (the units the loss is averaged over: target tokens,
-    examples); ``metrics`` turns added-up sums into the reported numbers (always ``loss``)."""
+    examples); ``metrics`` turns added-up sums into the reported numbers (always ``loss``).
+
+    Serving (``infer/``) goes through the last five verbs: ``card`` is written beside each saved
+    adapter, ``serve_model`` rebuilds the trained model from adapter folders, ``request`` encodes
+    raw inputs, ``predict`` turns the model's output into the tensors a service sends and
+    ``answers`` into JSON. ``generates``: a decoder that generates token by token, served as
+    modules with KV-cache sessions (embed, blocks, head); any other task is served whole."""
+
+    name: ClassVar[str]
+    generates: ClassVar[bool]
 
     def collate(self, samples: Sequence[Any]) -> Batch:
         """A batch of tensors from the task's samples (right-padded to the longest)."""
@@ -40,6 +50,10 @@ class Task(Protocol):
 
     def loss(self, model: PeftModel, batch: Batch) -> Tensor:
         """The scalar training loss of a batch (mean over its ``count`` units)."""
+        ...
+
+    def output(self, model: Any, batch: Batch) -> Tensor:
+        """The model's output (logits) for a batch: what ``head_sums`` and ``predict`` read."""
         ...
 
     def eval_sums(self, model: PeftModel, batch: Batch) -> dict[str, float]:
@@ -65,6 +79,27 @@ class Task(Protocol):
         """Tokens the hardware computed for ``batch`` (padded)."""
         ...
 
+    def card(self) -> dict[str, Any]:
+        """What serving needs besides the adapter to rebuild this task (JSON values: class names...)."""
+        ...
+
+    def serve_model(self, base: nn.Module, adapters: dict[str, Path]) -> nn.Module:
+        """The trained model to serve: ``base`` wrapped as ``wrap`` does, each adapter folder loaded
+        under its name (a ``PeftModel``; ``set_adapter`` picks one); ``base`` itself when none."""
+        ...
+
+    def request(self, tokenizer: Any, inputs: list[str], max_length: int) -> Batch:
+        """A batch from raw inputs, encoded as the task's data are (truncated to ``max_length`` tokens)."""
+        ...
+
+    def predict(self, output: Tensor) -> dict[str, Tensor]:
+        """The tensors a service returns, from the model's output (logits)."""
+        ...
+
+    def answers(self, predicted: dict[str, Tensor], batch: Batch, tokenizer: Any) -> list[dict[str, Any]]:
+        """One JSON answer per input of ``batch`` from what ``predict`` returned."""
+        ...
+
 
 @dataclass(frozen=True)
 class TaskSetup:
@@ -83,6 +118,11 @@ def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float
 
 
 class TaskFactory(Protocol):
-    """What ``TASKS`` lists: a task class whose ``setup`` loads the base model and the data for a run."""
+    """What ``TASKS`` lists: a task class whose ``setup`` loads the base model and the data for a
+    run, ``load`` the base model alone and ``from_card`` rebuilds the task from its card (serving)."""
 
     def setup(self, cfg: RunConfig) -> TaskSetup: ...
+
+    def load(self, model: str, dtype: str, seed: int, fresh: bool = True) -> tuple[nn.Module, Any]: ...
+
+    def from_card(self, card: dict[str, Any], tokenizer: Any) -> Task: ...

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor, nn
@@ -19,26 +21,38 @@ from edgelam.config import LoraConfig as LoraSettings
 from edgelam.data.build import build_federated_data, resolve_auto
 from edgelam.data.format import IGNORE, Encoded, collate
 from edgelam.models.flops import FlopModel, lora_train_flops
-from edgelam.models.load import load_base
-from edgelam.models.lora import attach_lora
+from edgelam.models.load import base_seed, fresh_base, load_base
+from edgelam.models.lora import attach_lora, load_adapters
 from edgelam.models.split import is_encoder
 from edgelam.tasks.base import Batch, TaskSetup
 
 
 class CausalLM:
-    name = "causal_lm"
+    name: ClassVar[str] = "causal_lm"
+    generates: ClassVar[bool] = True
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
-        if is_encoder(cfg.model.name):
-            raise ConfigError(f"model.name '{cfg.model.name}' is an encoder; task causal_lm needs a causal LM "
+        base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed), fresh=False)
+        data = build_federated_data(resolve_auto(cfg.data)[0], tok, cfg.seed)  # the Python API may pass auto
+        return TaskSetup(cls(int(tok.pad_token_id)), base, tok, data)
+
+    @classmethod
+    def load(cls, model: str, dtype: str, seed: int, fresh: bool = True) -> tuple[nn.Module, Any]:
+        """The decoder and its tokenizer: a new copy (``fresh``: it will be wrapped in place) or
+        the per-process cached one."""
+        if is_encoder(model):
+            raise ConfigError(f"model.name '{model}' is an encoder; task causal_lm needs a causal LM "
                               f"(tiny, smollm2, a Hugging Face id); an encoder trains task classification")
-        base = load_base(cfg.model.name, cfg.model.dtype, cfg.seed if cfg.model.name == "tiny" else 0)
-        data = build_federated_data(resolve_auto(cfg.data)[0], base.tokenizer, cfg.seed)  # the Python API may pass auto
-        return TaskSetup(cls(int(base.tokenizer.pad_token_id)), base.model, base.tokenizer, data)
+        base = (fresh_base if fresh else load_base)(model, dtype, seed)
+        return base.model, base.tokenizer
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], tokenizer: Any) -> "CausalLM":
+        return cls(int(tokenizer.pad_token_id))
 
     def collate(self, samples: Sequence[Encoded]) -> Batch:
         return collate(list(samples), self.pad_id)
@@ -52,10 +66,14 @@ class CausalLM:
         loss: Tensor = model(**batch).loss
         return loss
 
+    def output(self, model: Any, batch: Batch) -> Tensor:
+        """The logits (B, T, V): at each position, the next token's."""
+        logits: Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits
+
     def eval_sums(self, model: Any, batch: Batch) -> dict[str, float]:
         """Summed next-token cross-entropy over the answer tokens and their number."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        return self.head_sums(logits, batch)
+        return self.head_sums(self.output(model, batch), batch)
 
     def head_loss(self, output: Tensor, batch: Batch) -> Tensor:
         """Mean next-token cross-entropy over the answer tokens (logits (B, T, V) predict token t+1)."""
@@ -78,3 +96,33 @@ class CausalLM:
     def tokens(self, batch: Batch) -> int:
         b, t = batch["input_ids"].shape
         return int(b * t)
+
+    # --- serving ---
+
+    def card(self) -> dict[str, Any]:
+        return {}
+
+    def serve_model(self, base: nn.Module, adapters: dict[str, Path]) -> nn.Module:
+        return load_adapters(base, dict(adapters)) if adapters else base
+
+    def request(self, tokenizer: Any, inputs: list[str], max_length: int) -> Batch:
+        """Raw text (no chat template), right-padded; each answer is the token after its text."""
+        ids = tokenizer(inputs, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+        if any(not x for x in ids):
+            raise ValueError("an input encodes to no tokens")
+        return collate([Encoded(tuple(x), tuple(x), "request") for x in ids], self.pad_id)
+
+    def predict(self, output: Tensor) -> dict[str, Tensor]:
+        """The greedy next token and its probability at every position (B, T)."""
+        top_p, top_i = torch.softmax(output.float(), dim=-1).max(dim=-1)
+        return {"token_ids": top_i, "top_prob": top_p}
+
+    def answers(self, predicted: dict[str, Tensor], batch: Batch, tokenizer: Any) -> list[dict[str, Any]]:
+        """Per input, the greedy token after its last one."""
+        last = batch["attention_mask"].sum(dim=1) - 1
+        out = []
+        for i, j in enumerate(last.tolist()):
+            tok = int(predicted["token_ids"][i, j])
+            out.append({"next_token": tokenizer.decode([tok]), "token_id": tok,
+                        "prob": float(predicted["top_prob"][i, j])})
+        return out
