@@ -87,6 +87,14 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
         driver.close()
 
 
+def task_metrics(first: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """``first_eval_X`` / ``final_eval_X`` for each metric the task reports besides the loss
+    (a classifier's accuracy, a channel predictor's nmse_db)."""
+    keys = sorted(k for k in final if k.startswith("eval_") and k not in ("eval_loss", "eval_ppl", "eval_tasks"))
+    return {f"{when}_{k}": row[k] for k in keys for when, row in (("first", first), ("final", final))
+            if row.get(k) is not None}
+
+
 def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """summary.json (the driver's fields over the common ones) and plots/curves.png."""
     rows = folder.rows
@@ -96,8 +104,7 @@ def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, A
         "sim_time_s": st.sim_time_s, "final_eval_loss": evaluated[-1]["eval_loss"], "final_eval_ppl": evaluated[-1]["eval_ppl"],
         "final_eval_tasks": evaluated[-1].get("eval_tasks"), "first_eval_loss": evaluated[0]["eval_loss"],
         **{f"{k}_total": v for k, v in st.totals.items()}, "plot": str(folder.path / "plots" / "curves.png"), "wall_s": wall_s,
-    } | {f"{when}_eval_accuracy": row["eval_accuracy"] for when, row in (("first", evaluated[0]), ("final", evaluated[-1]))
-         if row.get("eval_accuracy") is not None} | outputs  # classification tasks report accuracy
+    } | task_metrics(evaluated[0], evaluated[-1]) | outputs
     folder.write_summary(summary)
     plot_runs([folder.path], folder.path / "plots" / "curves.png")
     return summary

@@ -122,15 +122,18 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     t.add_row("rounds", str(summary["rounds"]))
     t.add_row("eval loss (round 0 -> final)", f"{summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
-    if summary.get("final_eval_accuracy") is not None:
-        t.add_row("eval accuracy (round 0 -> final)", f"{summary['first_eval_accuracy']:.4f} -> {summary['final_eval_accuracy']:.4f}")
-    else:
+    extra = [k.removeprefix("final_eval_") for k in summary if k.startswith("final_eval_")
+             and k not in ("final_eval_loss", "final_eval_ppl", "final_eval_tasks") and summary[k] is not None]
+    for k in extra:  # the task's own metrics: a classifier's accuracy, a channel predictor's nmse_db
+        first = summary.get(f"first_eval_{k}")
+        t.add_row(f"eval {k} (round 0 -> final)", f"{first:.4f} -> {summary[f'final_eval_{k}']:.4f}" if first is not None
+                  else f"{summary[f'final_eval_{k}']:.4f}")
+    if not extra:
         t.add_row("eval perplexity (final)", f"{summary['final_eval_ppl']:.2f}")
     for task, v in sorted((summary.get("final_eval_tasks") or {}).items()):
-        if "accuracy" in v:  # a classification task's data set
-            t.add_row(f"  accuracy ({task})", f"{v['accuracy']:.4f}")
-        else:
-            t.add_row(f"  ppl ({task})", f"{v['ppl']:.2f}")
+        for k, value in v.items():
+            if k not in ("loss", "adapter") and isinstance(value, (int, float)):
+                t.add_row(f"  {k} ({task})", f"{value:.4f}" if k != "ppl" else f"{value:.2f}")
     t.add_row("simulated time", f"{summary['sim_time_s']:.1f} s")
     t.add_row("bytes up / down", f"{_mb(summary['bytes_up_total'])} / {_mb(summary['bytes_down_total'])}")
     t.add_row("device energy", f"{summary['energy_j_total']:.2f} J")

@@ -82,6 +82,9 @@ class Purpose(IntEnum):
     CLASS_POOL = 20  # classification data: the training pool
     CLASS_PARTITION = 21
     CLASS_TEST = 22
+    CSI_SPEED = 30  # (stream): generated channels: UE speeds and directions
+    CSI_SIONNA = 31  # (stream): the seed handed to Sionna
+    CSI_NOISE = 32  # (client or eval stream): noise on the past CSI, few-shot subsampling
     EVAL_SPLIT = 101  # text data: global evaluation examples per task
     PARTITION = 102  # text data: clients' shares
     HELDOUT = 103  # (client): a client's held-out examples

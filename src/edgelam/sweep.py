@@ -81,12 +81,22 @@ def bytes_to_loss(rows: list[dict[str, Any]], target: float) -> float | None:
     return float(r["bytes_up_total"] + r["bytes_down_total"]) if r else None
 
 
+def headline(summaries: dict[str, Any], task: str) -> str:
+    """The metric shown per data task: the first one besides the loss (ppl, accuracy, nmse_db)."""
+    for s in summaries.values():
+        v = (s.get("final_eval_tasks") or {}).get(task)
+        if v:
+            return next((k for k in v if k not in ("loss", "adapter")), "loss")
+    return "loss"
+
+
 def results_table(sweep: Sweep, out: Path) -> str:
     rows_by = {v: read_jsonl(out / v / "metrics.jsonl") for v in sweep.variants}
     summaries = {v: json.loads((out / v / "summary.json").read_text()) for v in sweep.variants}
     target = summaries[sweep.target]["final_eval_loss"] if sweep.target else None
     tasks = sorted({t for s in summaries.values() for t in (s.get("final_eval_tasks") or {})})
-    head = ["variant", "strategy", "eval loss (0 -> final)", "ppl", *[f"ppl {t}" for t in tasks], "sim time s"]
+    metric = {t: headline(summaries, t) for t in tasks}
+    head = ["variant", "strategy", "eval loss (0 -> final)", "ppl", *[f"{metric[t]} {t}" for t in tasks], "sim time s"]
     split = all("budget" in s for s in summaries.values())
     if split:
         head += ["accuracy (0 -> final)", "devices/round", "max device spent/round vs budget"]
@@ -98,7 +108,8 @@ def results_table(sweep: Sweep, out: Path) -> str:
         t = s.get("final_eval_tasks") or {}
         reach = time_to_loss(rows_by[v], target) if target is not None else None
         cells = [v, s["strategy"], f"{s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}", f"{s['final_eval_ppl']:.2f}",
-                 *[f"{t[k]['ppl']:.2f}" if k in t else "-" for k in tasks], f"{s['sim_time_s']:.1f}"]
+                 *[f"{t[k][metric[k]]:.{2 if metric[k] == 'ppl' else 4}f}" if k in t else "-" for k in tasks],
+                 f"{s['sim_time_s']:.1f}"]
         if split:
             trained = [r for r in rows_by[v] if r["round"] > 0]
             spent = s["spent_per_round"]

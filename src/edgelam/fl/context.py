@@ -37,7 +37,7 @@ class Prober:
     def __call__(self, adapter: State) -> float:
         set_adapter_state(self.ctx.model, adapter)
         sums = task_sums(self.ctx.task, self.ctx.model, self.data, self.ctx.cfg.eval.batch_size)
-        width = max(len(e.input_ids) for e in self.data)
+        width = max(self.ctx.task.size(e) for e in self.data)
         self.flops += forward_flops(self.ctx.flops, width * len(self.data), width)
         return sums.get("loss_sum", 0.0) / max(sums.get("count", 0), 1)
 
@@ -145,7 +145,7 @@ def population(ctx: Context) -> Population:
     """Device facts the server may use (resource clustering, rank rules): speed, memory, expected latency."""
     cfg, devs = ctx.cfg, ctx.topology.devices
     adapter_bytes = len(serialize(get_adapter_state(ctx.model)))
-    mean_tokens = [cfg.train.batch_size * max(len(e.input_ids) for e in c.train) for c in ctx.data.clients]
+    mean_tokens = [cfg.train.batch_size * max(ctx.task.size(e) for e in c.train) for c in ctx.data.clients]
     latency = []
     for d, tokens in zip(devs, mean_tokens):
         link = expected_link(cfg.net, d, len(devs))

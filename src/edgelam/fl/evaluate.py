@@ -21,7 +21,7 @@ from edgelam.tasks.causal_lm import CausalLM
 def task_sums(task: Task, model: Any, data: Sequence[Any], batch_size: int) -> dict[str, float]:
     """The task's eval sums over ``data`` (``loss_sum``, ``count``, ...), in batches sorted by length."""
     total: dict[str, float] = {}
-    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))  # less padding
+    order = sorted(range(len(data)), key=lambda i: task.size(data[i]))  # less padding
     for i in range(0, len(order), batch_size):
         batch = {k: v.to(model.device) for k, v in task.collate([data[j] for j in order[i: i + batch_size]]).items()}
         total = add_sums(total, task.eval_sums(model, batch))

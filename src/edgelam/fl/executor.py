@@ -71,8 +71,8 @@ def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopMo
     return total
 
 
-def probe_flops(data: list[Any], fm: FlopModel, n_candidates: int) -> float:
-    width = max(len(e.input_ids) for e in data)
+def probe_flops(data: list[Any], fm: FlopModel, n_candidates: int, task: Task) -> float:
+    width = max(task.size(e) for e in data)
     return n_candidates * forward_flops(fm, width * len(data), width)
 
 
@@ -83,7 +83,7 @@ def plan_trip(ctx: Context, work: ClientWork, upload_shape: State) -> TripPlan:
     flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.task)
     if work.candidates:
         down = sum(len(serialize(a)) for a in work.candidates.values())
-        flops += probe_flops(data[:PROBE_EXAMPLES], ctx.flops, len(work.candidates))
+        flops += probe_flops(data[:PROBE_EXAMPLES], ctx.flops, len(work.candidates), ctx.task)
     else:
         down = len(serialize(work.payload))
     return TripPlan(down, len(serialize(upload_shape)), flops)

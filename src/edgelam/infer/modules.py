@@ -167,14 +167,18 @@ class ModuleHost:
 
     def _forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         kind = self.spec.kind
+        if not self.task.generates:
+            try:
+                batch = self.task.wire_inputs(tensors)
+            except ValueError as exc:
+                raise ModuleError(f"{self.task.name}: {exc}") from None
+            return self._whole(batch, meta), {}
         if kind in ("embed", "full"):
             ids = tensors.get("input_ids")
             if ids is None or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
                 raise ModuleError(f"{kind} expects an int32 / int64 tensor 'input_ids' of shape (batch, tokens)")
             if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
                 raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
-            if not self.task.generates:
-                return self._whole({"input_ids": ids, "attention_mask": self._mask(tensors, ids)}, meta), {}
             self._check_request_tokens(ids.shape[1])
             self.stats["tokens_total"] += ids.numel()
             if kind == "embed":
@@ -213,31 +217,23 @@ class ModuleHost:
             out["logits"] = logits
         return out
 
-    def _mask(self, tensors: dict[str, Tensor], ids: Tensor) -> Tensor:
-        """The request's 'attention_mask' (0 / 1, right padding, no empty row), all ones when absent."""
-        mask = tensors.get("attention_mask")
-        if mask is None:
-            return torch.ones_like(ids)
-        if mask.shape != ids.shape or mask.dtype not in (torch.int32, torch.int64) or bool(((mask != 0) & (mask != 1)).any()):
-            raise ModuleError(f"'attention_mask' must be 0 / 1 integers of the shape of input_ids {tuple(ids.shape)}")
-        if bool((mask.sum(dim=1) == 0).any()):
-            raise ModuleError("'attention_mask' has a row with no tokens")
-        return mask.long()
-
     def _whole(self, batch: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
         """One stateless batch through the whole model and the task's ``predict`` (logits on request)."""
-        ids = batch["input_ids"]
-        self._check_request_tokens(ids.numel())
-        self._check_context(0, ids.shape[1])
-        self.stats["tokens_total"] += int(batch["attention_mask"].sum())
+        self._check_request_tokens(self.task.tokens(batch))
+        if "input_ids" in batch:
+            ids = batch["input_ids"]
+            self._check_context(0, ids.shape[1])
+            if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+                raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
+        self.stats["tokens_total"] += self.task.tokens(batch)
         output = self.task.output(self.served.model, batch)
         out = self.task.predict(output)
         if meta.get("return_logits"):
             out["logits"] = output.float()
         return out
 
-    def predict(self, inputs: list[str], adapter: str | None = None, truncate: bool = False) -> list[dict[str, Any]]:
-        """Answers to raw inputs (text), one per input, as the task gives them: the whole model
+    def predict(self, inputs: list[Any], adapter: str | None = None, truncate: bool = False) -> list[dict[str, Any]]:
+        """Answers to raw inputs (texts, CSI arrays), one per input, as the task gives them: the whole model
         (``full``) on one batch; an input over the model's context is refused unless ``truncate``."""
         if str(self.spec) != "full":
             raise ModuleError(f"predictions need the whole model: this service hosts {self.spec}; "
@@ -247,7 +243,7 @@ class ModuleHost:
             batch = self.task.request(self.served.tokenizer, inputs, limit if truncate else limit + 1)
         except ValueError as exc:
             raise ModuleError(f"inputs: {exc}") from None
-        longest = int(batch["attention_mask"].sum(dim=1).max())
+        longest = int(batch["attention_mask"].sum(dim=1).max()) if "attention_mask" in batch else 0
         if longest > limit:
             raise ModuleError(f"an input has more than {limit} tokens, the model's context; shorten it or send "
                               f"\"truncate\": true", status=413)

@@ -2,8 +2,9 @@
 
 Endpoints:
   POST   /v1/forward            safetensors in, safetensors out (application/x-safetensors)
-  POST   /v1/predict            JSON {"inputs": text | [texts], "adapter"?, "truncate"?} -> the task's
-                                answers (a classifier's label and scores; a decoder's next token)
+  POST   /v1/predict            JSON {"inputs": text | [inputs], "adapter"?, "truncate"?} -> the task's
+                                answers (a classifier's label and scores; a decoder's next token; a
+                                channel predictor's future CSI)
   DELETE /v1/sessions/{id}      close a session and free its KV cache
   GET    /health                the process is up
   GET    /ready                 the module is loaded and serving
@@ -131,7 +132,7 @@ async def forward(request: Request) -> Response:
     return Response(pack(out, out_meta, st.wire_dtype), media_type=CONTENT_TYPE)
 
 
-def predict_request(body: bytes) -> tuple[list[str], str | None, bool]:
+def predict_request(body: bytes) -> tuple[list[Any], str | None, bool]:
     """(inputs, adapter, truncate) of a /v1/predict body; ``ValueError`` naming what is wrong."""
     try:
         req = json.loads(body)
@@ -141,8 +142,9 @@ def predict_request(body: bytes) -> tuple[list[str], str | None, bool]:
         raise ValueError('the body must be a JSON object {"inputs": ...}')
     inputs = req.get("inputs")
     inputs = [inputs] if isinstance(inputs, str) else inputs
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
-        raise ValueError("'inputs' must be a non-empty string or a non-empty list of non-empty strings")
+    if not isinstance(inputs, list) or not inputs:
+        raise ValueError("'inputs' must be a non-empty string or a non-empty list (texts; CSI arrays for a channel "
+                         "predictor)")
     if len(inputs) > MAX_PREDICT_INPUTS:
         raise ValueError(f"{len(inputs)} inputs in one request; at most {MAX_PREDICT_INPUTS}")
     adapter, truncate = req.get("adapter"), req.get("truncate", False)

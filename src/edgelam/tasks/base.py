@@ -44,6 +44,10 @@ class Task(Protocol):
         """A batch of tensors from the task's samples (right-padded to the longest)."""
         ...
 
+    def size(self, sample: Any) -> int:
+        """Tokens (positions) one sample takes in the model: batches are sorted by it, probes priced."""
+        ...
+
     def wrap(self, base: nn.Module, lora: LoraSettings, seed: int) -> PeftModel:
         """Attach LoRA (seeded) and the task's own modules, trainable ones in ``modules_to_save``."""
         ...
@@ -88,8 +92,13 @@ class Task(Protocol):
         under its name (a ``PeftModel``; ``set_adapter`` picks one); ``base`` itself when none."""
         ...
 
-    def request(self, tokenizer: Any, inputs: list[str], max_length: int) -> Batch:
-        """A batch from raw inputs, encoded as the task's data are (truncated to ``max_length`` tokens)."""
+    def request(self, tokenizer: Any, inputs: list[Any], max_length: int) -> Batch:
+        """A batch from raw JSON inputs (texts; a channel predictor's CSI arrays), encoded as the
+        task's data are (text truncated to ``max_length`` tokens); ``ValueError`` naming a bad input."""
+        ...
+
+    def wire_inputs(self, tensors: dict[str, Tensor]) -> Batch:
+        """The model's input batch from a /v1/forward message; ``ValueError`` naming what is wrong."""
         ...
 
     def predict(self, output: Tensor) -> dict[str, Tensor]:
@@ -110,6 +119,30 @@ class TaskSetup:
     base: nn.Module
     tokenizer: Any
     data: FederatedData
+
+
+def texts(inputs: list[Any]) -> list[str]:
+    """``inputs`` when every one is a non-empty string (the text tasks' requests)."""
+    if not all(isinstance(x, str) and x for x in inputs):
+        raise ValueError("every input must be a non-empty string")
+    return list(inputs)
+
+
+def token_inputs(tensors: dict[str, Tensor]) -> Batch:
+    """``input_ids`` (B, T) int and ``attention_mask`` (0 / 1, no empty row; all ones when absent)."""
+    import torch
+
+    ids = tensors.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+        raise ValueError("expected an int32 / int64 tensor 'input_ids' of shape (batch, tokens)")
+    mask = tensors.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.shape != ids.shape or mask.dtype not in (torch.int32, torch.int64) or bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"'attention_mask' must be 0 / 1 integers of the shape of input_ids {tuple(ids.shape)}")
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("'attention_mask' has a row with no tokens")
+    return {"input_ids": ids.long(), "attention_mask": mask.long()}
 
 
 def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:

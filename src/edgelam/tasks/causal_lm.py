@@ -24,7 +24,7 @@ from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed, fresh_base, load_base
 from edgelam.models.lora import attach_lora, load_adapters
 from edgelam.models.split import is_encoder
-from edgelam.tasks.base import Batch, TaskSetup
+from edgelam.tasks.base import Batch, TaskSetup, texts, token_inputs
 
 
 class CausalLM:
@@ -53,6 +53,9 @@ class CausalLM:
     @classmethod
     def from_card(cls, card: dict[str, Any], tokenizer: Any) -> "CausalLM":
         return cls(int(tokenizer.pad_token_id))
+
+    def size(self, sample: Encoded) -> int:
+        return len(sample.input_ids)
 
     def collate(self, samples: Sequence[Encoded]) -> Batch:
         return collate(list(samples), self.pad_id)
@@ -105,12 +108,15 @@ class CausalLM:
     def serve_model(self, base: nn.Module, adapters: dict[str, Path]) -> nn.Module:
         return load_adapters(base, dict(adapters)) if adapters else base
 
-    def request(self, tokenizer: Any, inputs: list[str], max_length: int) -> Batch:
+    def request(self, tokenizer: Any, inputs: list[Any], max_length: int) -> Batch:
         """Raw text (no chat template), right-padded; each answer is the token after its text."""
-        ids = tokenizer(inputs, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts(inputs), truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
         if any(not x for x in ids):
             raise ValueError("an input encodes to no tokens")
         return collate([Encoded(tuple(x), tuple(x), "request") for x in ids], self.pad_id)
+
+    def wire_inputs(self, tensors: dict[str, Tensor]) -> Batch:
+        return token_inputs(tensors)
 
     def predict(self, output: Tensor) -> dict[str, Tensor]:
         """The greedy next token and its probability at every position (B, T)."""

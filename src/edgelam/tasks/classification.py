@@ -29,7 +29,7 @@ from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed
 from edgelam.models.lora import attach_lora, load_adapters
 from edgelam.models.split import ClassifierHead, fresh_encoder, is_encoder, load_encoder
-from edgelam.tasks.base import Batch, TaskSetup
+from edgelam.tasks.base import Batch, TaskSetup, texts, token_inputs
 
 HEAD = "classifier"  # the head's module name, listed in modules_to_save
 
@@ -99,6 +99,9 @@ class Classification:
             raise ValueError(f"a classification card needs 'classes', a list of >= 2 class names; got {classes!r}")
         return cls(int(tokenizer.pad_token_id), len(classes), tuple(classes))
 
+    def size(self, sample: Labeled) -> int:
+        return len(sample.input_ids)
+
     def collate(self, samples: Sequence[Labeled]) -> Batch:
         return collate_labeled(list(samples), self.pad_id)
 
@@ -155,11 +158,14 @@ class Classification:
                              "(edgelam serve --adapter NAME=RUN/adapter)")
         return load_adapters(classifier_model(base, self.num_classes, seed=0), dict(adapters))
 
-    def request(self, tokenizer: Any, inputs: list[str], max_length: int) -> Batch:
+    def request(self, tokenizer: Any, inputs: list[Any], max_length: int) -> Batch:
         """Texts tokenized as the data reader does (``data.classification.tokenize``), right-padded."""
-        ids = tokenizer(inputs, truncation=True, max_length=max_length)["input_ids"]
+        ids = tokenizer(texts(inputs), truncation=True, max_length=max_length)["input_ids"]
         batch = collate_labeled([Labeled(tuple(x), 0, "request") for x in ids], self.pad_id)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def wire_inputs(self, tensors: dict[str, Tensor]) -> Batch:
+        return token_inputs(tensors)
 
     def predict(self, output: Tensor) -> dict[str, Tensor]:
         """Class probabilities (B, C) and the predicted class (B,)."""
