@@ -1,4 +1,5 @@
-"""The ``edgelam`` command: run | ls | plot. Each subcommand is a typed function, usable from Python too."""
+"""The ``edgelam`` command: run | sweep | ls | plot | serve | infer | gateway | data. Each subcommand is a
+typed function, usable from Python too."""
 
 from __future__ import annotations
 
@@ -147,7 +148,9 @@ def ls_cmd() -> None:
         console.print(f"  {k:10s} {v}")
     console.print("[bold]aggregators[/] (fl.aggregator): mean (by samples), median, trimmed_mean (coordinate-wise)")
     console.print("[bold]uplink transforms[/] (fl.uplink, in order): clip (fl.clip_norm), float16")
-    console.print("[bold]tasks[/] (task): auto, causal_lm, classification")
+    from edgelam.config import TASK_NAMES
+
+    console.print(f"[bold]tasks[/] (task): auto, {', '.join(TASK_NAMES)}")
     console.print("[bold]models[/] (model.name)")
     for k, v in MODELS.items():
         console.print(f"  {k:18s} {v}")
@@ -383,6 +386,9 @@ def _fail(exc: BaseException, code: int, prefix: str = "") -> None:
 def main() -> None:
     import warnings
 
+    from edgelam.cli_data import data_app
+
+    app.add_typer(data_app, name="data")
     from transformers.utils import logging as hf_logging
 
     # Library deprecation chatter is not for our users; EDGELAM_DEBUG=1 keeps it.

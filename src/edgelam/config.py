@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgelam.config_channels import ChannelConfig
+from edgelam.config_channels import BeamConfig, ChannelConfig
 from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
 from edgelam.config_checks import require as _require
@@ -22,7 +22,7 @@ from edgelam.config_schemes import (
     SplitConfig,
 )
 
-__all__ = ["AsyncConfig", "ChannelConfig", "ClusterConfig", "ConfigError", "HierConfig", "RankConfig", "ScheduleConfig", "SplitConfig"]
+__all__ = ["AsyncConfig", "BeamConfig", "ChannelConfig", "ClusterConfig", "ConfigError", "HierConfig", "RankConfig", "ScheduleConfig", "SplitConfig"]
 
 
 # (the checks live in config_checks.py, the per-scheme sections in config_schemes.py; both are
@@ -86,7 +86,7 @@ class DataConfig:
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", *CLASSIFICATION_SOURCES, "cdl"])
+        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", *CLASSIFICATION_SOURCES, "cdl", "deepmimo"])
         _one_of(self.partition, "data.partition", ["iid", "dirichlet", "by_task", "presplit"])
         _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt", "messages", "prompt_completion", "text"])
         _require(self.num_clients >= 1, "data.num_clients", "must be >= 1", self.num_clients)
@@ -258,8 +258,9 @@ class EvalConfig:
 
 # The task names (tasks/__init__.py TASKS holds the classes; a test keeps the two equal). Config
 # validates against these names and never imports task code.
-TASK_NAMES = ("causal_lm", "classification", "channel_prediction")
+TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction")
 CHANNEL_SOURCES = ("cdl",)  # generated CSI (channels/): task channel_prediction
+BEAM_SOURCES = ("deepmimo",)  # DeepMIMO New York (channels/deepmimo.py): task beam_prediction
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     channels: ChannelConfig = field(default_factory=ChannelConfig)  # data.source cdl: generated CSI
+    beams: BeamConfig = field(default_factory=BeamConfig)  # data.source deepmimo: beam prediction
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES
@@ -298,11 +300,13 @@ class RunConfig:
     def _check_task(self) -> None:
         _one_of(self.task, "task", ["auto", *TASK_NAMES])
         fits = "classification" if self.data.source in CLASSIFICATION_SOURCES else \
-            "channel_prediction" if self.data.source in CHANNEL_SOURCES else "causal_lm"
+            "channel_prediction" if self.data.source in CHANNEL_SOURCES else \
+            "beam_prediction" if self.data.source in BEAM_SOURCES else "causal_lm"
         if self.task == "auto":
             object.__setattr__(self, "task", fits)
         _require(self.task == fits, "task", f"does not fit data.source '{self.data.source}': classification trains on "
-                 f"{list(CLASSIFICATION_SOURCES)}, channel_prediction on {list(CHANNEL_SOURCES)}, causal_lm on text "
+                 f"{list(CLASSIFICATION_SOURCES)}, channel_prediction on {list(CHANNEL_SOURCES)}, beam_prediction on "
+                 f"{list(BEAM_SOURCES)}, causal_lm on text "
                  f"data; leave task at 'auto' to follow data.source", self.task)
         if self.task != "causal_lm":
             _require(self.eval.generate == 0, "eval.generate", f"applies to task causal_lm only ({self.task} has no "
@@ -310,11 +314,12 @@ class RunConfig:
         if self.task == "classification":
             _require(self.model.dtype == "float32", "model.dtype", "must be float32 for task classification (an encoder)",
                      self.model.dtype)
-        if self.task == "channel_prediction":
-            _require(self.fl.strategy not in SPLIT_STRATEGIES, "fl.strategy", "split learning of channel_prediction "
+        if self.task in ("channel_prediction", "beam_prediction"):
+            _require(self.fl.strategy not in SPLIT_STRATEGIES, "fl.strategy", f"split learning of {self.task} "
                      "is not supported yet; use a federated strategy (fedavg ...)", self.fl.strategy)
-            _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: "
-                     "channels.profiles[k % len]) or iid for data.source cdl", self.data.partition)
+            _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: one "
+                     "environment: channels.profiles[k % len], beams.base_stations[k % len]) or iid for "
+                     f"data.source {self.data.source}", self.data.partition)
 
     def _check_driver_settings(self, driver: str) -> None:
         """Settings a driver would ignore are refused, not dropped silently."""

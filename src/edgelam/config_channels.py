@@ -1,5 +1,6 @@
 """The ``channels`` config section: generated CSI for channel prediction (``data.source: cdl``,
-``task: channel_prediction``); see ``channels/csi.py`` and ``channels/data.py``."""
+``task: channel_prediction``; ``channels/csi.py``, ``channels/data.py``), and ``beams``: beam
+prediction on DeepMIMO New York (``data.source: deepmimo``, ``task: beam_prediction``)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,27 @@ class ChannelConfig:
         _require(self.past >= 2, "channels.past", "must be >= 2 slots", self.past)
         _require(self.snr_db[0] <= self.snr_db[1], "channels.snr_db", "must be [min, max] dB", list(self.snr_db))
         _require(0 < self.few_shot <= 1, "channels.few_shot", "must be in (0, 1]", self.few_shot)
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    # DeepMIMO New York base stations whose users are data; data.partition by_task: client k holds
+    # users of base_stations[k % len] (non-IID by cell), iid: a share of every cell's users
+    base_stations: tuple[int, ...] = (1, 2, 3)
+    n_tx: int = 32  # BS uniform linear array (half-wavelength), DeepMIMO's array axis
+    n_beams: int = 64  # DFT codebook, evenly spaced in sin-space
+    features: str = "position"  # position | paths (strongest paths' angles, delays, powers) | track (past beams)
+    track_length: int = 4  # features track: past beams along a user's grid row that predict the next one
+    test_fraction: float = 0.2  # users held out per base station (the same split for every client)
+    users_per_client: int | None = None  # cap on a client's training users (null: its whole share)
+
+    def __post_init__(self) -> None:
+        _require(len(self.base_stations) >= 1 and all(b in (1, 2, 3) for b in self.base_stations),
+                 "beams.base_stations", "must list DeepMIMO New York base stations from [1, 2, 3]", self.base_stations)
+        _one_of(self.features, "beams.features", ["position", "paths", "track"])
+        _require(self.n_tx >= 1 and self.n_beams >= 2, "beams.n_tx/n_beams", "must be n_tx >= 1, n_beams >= 2",
+                 (self.n_tx, self.n_beams))
+        _require(self.track_length >= 1, "beams.track_length", "must be >= 1", self.track_length)
+        _require(0 < self.test_fraction < 1, "beams.test_fraction", "must be in (0, 1)", self.test_fraction)
+        if self.users_per_client is not None:
+            _require(self.users_per_client >= 1, "beams.users_per_client", "must be >= 1 or null", self.users_per_client)
