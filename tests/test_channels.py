@@ -104,29 +104,78 @@ def test_tiny_channel_config_and_task(repo) -> None:
         load_config(repo / "configs/tiny_channel.yaml", ["task=causal_lm"])
 
 
-def test_federated_channel_prediction_beats_repeat_last(tmp_path, repo) -> None:
-    """The tiny config end to end: the trained predictor beats 'no prediction' on held-out users,
-    its input module, head and norms travel in the adapter, and the saved adapter serves."""
-    from edgelam.channels.data import build_channel_data
-    from edgelam.infer.modules import ModuleHost, ModuleSpec
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory):
+    """The tiny config end to end (its channels cached in a temporary folder)."""
     from edgelam.lifecycle import run
 
-    cfg = load_config(repo / "configs/tiny_channel.yaml")
-    summary = run(cfg, tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tmp = tmp_path_factory.mktemp("channel")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGELAM_CACHE", str(tmp / "cache"))
+        cfg = load_config("configs/tiny_channel.yaml")
+        summary = run(cfg, tmp / "run")
+        yield cfg, summary, tmp / "run"
+
+
+def test_federated_channel_prediction_beats_repeat_last(channel_run) -> None:
+    """The trained predictor beats 'no prediction' on held-out users, its input module, head and
+    norms travel in the adapter, and the saved adapter serves."""
+    from edgelam.channels.data import build_channel_data
+    from edgelam.infer.modules import ModuleHost, ModuleSpec
+
+    cfg, summary, out = channel_run
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     data, _ = build_channel_data(cfg.channels, cfg.data, cfg.seed)
     held = [s for xs in data.global_eval.values() for s in xs]
     past, future = torch.stack([s.past for s in held]), torch.stack([s.future for s in held])
     baseline = nmse_db(repeat_last(past, cfg.channels.future), future)
-    assert rows[-1]["eval_nmse_db"] < baseline < 0
-    assert rows[-1]["eval_nmse_db"] < rows[0]["eval_nmse_db"]
+    assert rows[0]["eval_nmse_db"] == pytest.approx(baseline, abs=1e-3)  # untrained: exactly "no prediction"
+    assert rows[-1]["eval_nmse_db"] < baseline - 1.0
     assert summary["final_eval_loss"] < rows[0]["eval_loss"]
-    card = json.loads((tmp_path / "run" / "adapter" / "edgelam_task.json").read_text())
+    card = json.loads((out / "adapter" / "edgelam_task.json").read_text())
     assert card["task"] == "channel_prediction" and card["past"] == 16 and card["future"] == 4
-    host = ModuleHost(None, ModuleSpec("full"), {"cp": str(tmp_path / "run" / "adapter")})
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("csi_embed" in k for k in saved) and any("csi_head" in k for k in saved)
+    assert any("input_layernorm" in k for k in saved)  # the backbone's norms are tuned, as LLM4CP does
+    host = ModuleHost(None, ModuleSpec("full"), {"cp": str(out / "adapter")})
     answers = host.predict([s.past.tolist() for s in held[:4]], "cp")
     got = torch.tensor([a["future"] for a in answers])
-    assert nmse_db(got, future[:4]) < 0 and got.shape == future[:4].shape
+    assert got.shape == future[:4].shape
+    assert nmse_db(got, future[:4]) < nmse_db(repeat_last(past[:4], 4), future[:4])
+
+
+def test_a_trained_predictor_is_timed_against_the_coherence_time(channel_run, tmp_path) -> None:
+    from edgelam.infer.deadline import run_predict
+    from edgelam.infer.topology import load_topology
+
+    _, _, out = channel_run
+    topo_file = tmp_path / "serving.yaml"
+    topo_file.write_text(f"""
+mode: predict
+run: {out}
+requests: 5
+speed_kmh: [30, 300]
+nodes: [{{name: edge, flops_per_s: 1.0e12}}]
+links: [{{a: device, b: edge, rtt_ms: 20, rate_mbps: 100}}]
+""")
+    report = run_predict(load_topology(topo_file))
+    assert report["coherence_ms"] == {30.0: pytest.approx(6.3406, abs=1e-3), 300.0: pytest.approx(0.63406, abs=1e-4)}
+    device, edge = report["placements"]
+    assert (device["placement"], edge["placement"]) == ("device", "edge")
+    assert edge["p50_ms"] >= 20.0 and edge["bytes_up"] > 16 * 16 * 4  # one (1, 16, 16) float32 past, plus framing
+    assert edge["modelled_ms"] == pytest.approx(20 + 8e3 * (edge["bytes_up"] + edge["bytes_down"]) / 100e6
+                                                + 1e3 * report["flops"] / 1e12, rel=1e-6)
+    for r in report["placements"]:
+        assert r["meets"] == {v: r["p95_ms"] <= tc for v, tc in report["coherence_ms"].items()}
+    assert edge["meets"] == {30.0: False, 300.0: False}  # a 20 ms round trip misses 6.3 ms
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"mode: predict\nrun: {tmp_path}\nnodes: [{{name: edge, flops_per_s: 1.0e12}}]\n")
+    from edgelam.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run must name a channel- or beam-prediction run folder"):
+        load_topology(bad)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "ifca", "cfl", "rescluster",

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,19 +24,12 @@ from edgelam.config_load import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
+from edgelam.cli_common import _guard, _split_args, console, err  # noqa: F401 (the Python API uses them from here)
 
 def _configs_dir() -> Path:
     """The shipped configs: ./configs when run from a checkout, else beside the source tree."""
     here = Path("configs")
     return here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
-
-
-def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
-    if args and "=" not in args[0]:
-        return Path(args[0]), args[1:]
-    return None, args
 
 
 def _resolve(cfg: RunConfig) -> RunConfig:
@@ -234,26 +226,38 @@ def _check_port(port: int) -> None:
 @app.command("infer")
 def infer_cmd(
     topology: Path = typer.Option(..., "--topology", help="topology YAML (configs/tiny_pipeline.yaml, ...)"),
-    prompt: str = typer.Option(..., "--prompt"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="the text to answer (generating topologies)"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="adapter name loaded by the services"),
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the model's chat template"),
 ) -> None:
-    """Start a topology's services, answer one prompt through them, print per-token timings, stop them."""
+    """Start a topology's services, answer one prompt through them, print per-token timings, stop them
+    (`mode: predict`: time a trained predictor per placement against the coherence time)."""
     _guard(lambda: run_inference(topology, prompt, max_new_tokens, adapter, chat))
 
 
-def run_inference(topology: Path, prompt: str, max_new_tokens: int | None = None, adapter: str | None = None,
-                  chat: bool = True) -> list[int]:
+def run_predict_topology(topology: Path) -> dict[str, Any]:
+    from edgelam.infer.deadline import deadline_table, run_predict
+    from edgelam.infer.topology import load_topology
+
+    report = run_predict(load_topology(topology))
+    console.print(deadline_table(report))
+    return report
+
+
+def run_inference(topology: Path, prompt: str | None, max_new_tokens: int | None = None, adapter: str | None = None,
+                  chat: bool = True) -> Any:
     """Answer ``prompt`` through the topology; returns the tokens. A topology that stops answering
     mid-way prints the partial answer and one error line, and exits with code 1."""
     from rich.markup import escape
 
     from edgelam.infer.client import StageDown
     from edgelam.infer.modules import ModuleError
-    from edgelam.infer.topology import LINK_EMULATION, open_topology
+    from edgelam.infer.topology import LINK_EMULATION, load_topology, open_topology
 
-    topo, base, ids, max_new = _prepare_inference(topology, prompt, max_new_tokens, chat)
+    if load_topology(topology).mode == "predict":
+        return run_predict_topology(topology)
+    topo, base, ids, max_new = _prepare_inference(topology, prompt or "", max_new_tokens, chat)
     console.print(f"topology {topo.name}: {topo.mode}, model {topo.model}")
     console.print(f"links: {LINK_EMULATION if topo.emulate_links else 'loopback, no emulation'}")
     tokens: list[int] = []
@@ -290,7 +294,7 @@ def _prepare_inference(topology: Path, prompt: str, max_new_tokens: int | None, 
     if max_new < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new}")
     if not prompt:
-        raise ConfigError("--prompt is empty; give some text to answer")
+        raise ConfigError("--prompt is missing or empty; give some text to answer")
     base = load_base(topo.model, "float32", 0)
     ids = prompt_ids(base.tokenizer, prompt, chat)
     ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0)
@@ -354,33 +358,6 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
                               max_tokens_limit, ctx, runner.dead)
         console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1")
         uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-
-
-def _guard(fn: Any) -> None:
-    """Turn bad input into one clear line and exit code 2, and any other failure into one line and
-    exit code 1 (EDGELAM_DEBUG=1 shows the traceback instead)."""
-    from edgelam.data.sources import DataError
-    from edgelam.models.load import ModelLoadError
-    from edgelam.rundir import RunFolderError
-
-    try:
-        fn()
-    except (ConfigError, DataError, ModelLoadError, RunFolderError, FileNotFoundError) as exc:
-        _fail(exc, 2)
-    except KeyboardInterrupt:
-        err.print("interrupted; a run folder resumes with `edgelam run --resume RUN_DIR`")
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        _fail(exc, 1, f"{type(exc).__name__}: ")
-
-
-def _fail(exc: BaseException, code: int, prefix: str = "") -> None:
-    if os.environ.get("EDGELAM_DEBUG"):
-        raise exc
-    err.print(f"[red]error:[/] {prefix}{exc}", markup=True, highlight=False)
-    if code == 1:
-        err.print("(an unexpected error; EDGELAM_DEBUG=1 shows the traceback)")
-    sys.exit(code)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ def channels_report(config: Path | None, overrides: list[str]) -> Table:
     from edgelam.channels.csi import cache_dir
     from edgelam.channels.data import build_channel_data
     from edgelam.channels.predictors import ar_predict, nmse_db, repeat_last
-    from edgelam.cli import console
+    from edgelam.cli_common import console
     from edgelam.config_load import config_from_dict, load_config
 
     cfg = load_config(config, overrides) if config else config_from_dict({"data": {"source": "cdl"}}, overrides)
@@ -46,7 +46,7 @@ def channels_report(config: Path | None, overrides: list[str]) -> Table:
 def channels_cmd(args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.yaml] then key=value overrides")) -> None:
     """Generate a run's CSI sets (TR 38.901 CDL via Sionna) into the cache: `edgelam data channels
     configs/tiny_channel.yaml channels.mode=fdd`."""
-    from edgelam.cli import _guard, _split_args, console
+    from edgelam.cli_common import _guard, _split_args, console
 
     config, overrides = _split_args(args or [])
     _guard(lambda: console.print(channels_report(config, overrides)))

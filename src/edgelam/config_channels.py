@@ -37,6 +37,7 @@ class ChannelConfig:
     eval_snr_db: float = 18.0
     few_shot: float = 1.0  # share of each client's samples kept (LLM4CP's few-shot: 0.1)
     tune_norms: bool = True  # train the backbone's norms in full, as LLM4CP trains GPT-2's LayerNorms
+    backbone_layers: int | None = None  # the first K decoder blocks only (LLM4CP: GPT-2's first 6); null: all
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "channels.mode", ["tdd", "fdd"])
@@ -57,6 +58,8 @@ class ChannelConfig:
         _require(self.past >= 2, "channels.past", "must be >= 2 slots", self.past)
         _require(self.snr_db[0] <= self.snr_db[1], "channels.snr_db", "must be [min, max] dB", list(self.snr_db))
         _require(0 < self.few_shot <= 1, "channels.few_shot", "must be in (0, 1]", self.few_shot)
+        if self.backbone_layers is not None:
+            _require(self.backbone_layers >= 1, "channels.backbone_layers", "must be >= 1 or null", self.backbone_layers)
 
 
 @dataclass(frozen=True)

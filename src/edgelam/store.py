@@ -85,6 +85,8 @@ class Purpose(IntEnum):
     CSI_SPEED = 30  # (stream): generated channels: UE speeds and directions
     CSI_SIONNA = 31  # (stream): the seed handed to Sionna
     CSI_NOISE = 32  # (client or eval stream): noise on the past CSI, few-shot subsampling
+    BEAM_SPLIT = 40  # (base station): DeepMIMO users held out for evaluation
+    BEAM_PARTITION = 41  # (base station; none for iid): training users shared out among clients
     EVAL_SPLIT = 101  # text data: global evaluation examples per task
     PARTITION = 102  # text data: clients' shares
     HELDOUT = 103  # (client): a client's held-out examples

@@ -41,6 +41,7 @@ from edgelam.infer.client import (
     Stage,
     Transport,
 )
+from edgelam.infer.deadline import PREDICT_KEYS, check_predict
 from edgelam.infer.launch import (
     Service,
     free_port,
@@ -86,7 +87,7 @@ class Topology:
 ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "max_new_tokens", "wire_dtype",
            "emulate_links", "hop_overhead_ms"}
 MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
-             "escalation": {"tiers"}, "multi_access": {"servers", "seed"}}
+             "escalation": {"tiers"}, "multi_access": {"servers", "seed"}, "predict": PREDICT_KEYS}
 
 
 def _number(data: dict[str, Any], key: str, default: float | None, minimum: float, where: str, integer: bool = False,
@@ -168,7 +169,7 @@ def _check_multi_access(extra: dict[str, Any], names: set[str], where: str) -> N
 
 MODE_CHECKS: dict[str, Callable[[dict[str, Any], set[str], str], None]] = {
     "pipeline": lambda extra, names, where: None, "speculative": _check_speculative,
-    "escalation": _check_escalation, "multi_access": _check_multi_access}
+    "escalation": _check_escalation, "multi_access": _check_multi_access, "predict": check_predict}
 
 
 def _read_mapping(p: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tasks: one file each (``causal_lm.py``, ``classification.py``, ``channel.py``), the Protocol in ``base.py``.
+"""Tasks: one file each (``causal_lm.py``, ``classification.py``, ``channel.py``, ``beam.py``), the Protocol in ``base.py``.
 
 To add one: write ``tasks/<name>.py`` with a class that has ``setup(cfg) -> TaskSetup`` (a
 classmethod: load the base model, build the clients' data) and the ``Task`` verbs (collate, wrap,
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from edgelam.config import RunConfig
 from edgelam.tasks.base import Task, TaskFactory, TaskSetup
+from edgelam.tasks.beam import BeamPrediction
 from edgelam.tasks.causal_lm import CausalLM
 from edgelam.tasks.channel import ChannelPrediction
 from edgelam.tasks.classification import Classification
 
 # config.TASK_NAMES lists the same names (config never imports task code); tests keep them equal.
 TASKS: dict[str, TaskFactory] = {"causal_lm": CausalLM, "classification": Classification,
-                                 "channel_prediction": ChannelPrediction}
+                                 "channel_prediction": ChannelPrediction, "beam_prediction": BeamPrediction}
 
 
 def setup_task(cfg: RunConfig) -> TaskSetup:

@@ -66,6 +66,7 @@ class CsiHead(nn.Module):
         self.time = nn.Linear(slots_in, slots_out)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.time.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.time(self.out(hidden).transpose(1, 2)).transpose(1, 2)  # type: ignore[no-any-return]
@@ -90,7 +91,8 @@ class ChannelPredictor(nn.Module):
         std = past.std(dim=(1, 2), keepdim=True) + 1e-6
         x = (past - mean) / std
         tokens = self.csi_embed(x)
-        hidden = self.backbone(inputs_embeds=tokens.to(self.config.torch_dtype or tokens.dtype)).last_hidden_state
+        dtype = next(self.backbone.parameters()).dtype
+        hidden = self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state
         delta = self.csi_head(hidden.float())
         last = x[:, -1:, :] if delta.shape[-1] == x.shape[-1] else 0.0  # FDD (another band): no residual
         return (last + delta) * std + mean  # type: ignore[no-any-return]
@@ -101,16 +103,18 @@ class ChannelPrediction:
     generates: ClassVar[bool] = False
 
     def __init__(self, past: int, future: int, features_in: int, features_out: int, seed: int = 0,
-                 tune_norms: bool = True) -> None:
+                 tune_norms: bool = True, backbone_layers: int | None = None) -> None:
         self.past, self.future = past, future
         self.features_in, self.features_out = features_in, features_out
-        self.seed, self.tune_norms = seed, tune_norms
+        self.seed, self.tune_norms, self.backbone_layers = seed, tune_norms, backbone_layers
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
         base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed))
         data, shape = build_channel_data(cfg.channels, cfg.data, cfg.seed)
-        task = cls(shape.past, shape.future, shape.features_in, shape.features_out, cfg.seed, cfg.channels.tune_norms)
+        ch = cfg.channels
+        task = cls(shape.past, shape.future, shape.features_in, shape.features_out, cfg.seed, ch.tune_norms,
+                   ch.backbone_layers)
         return TaskSetup(task, base, tok, data)
 
     @classmethod
@@ -125,13 +129,23 @@ class ChannelPrediction:
     @classmethod
     def from_card(cls, card: dict[str, Any], tokenizer: Any) -> "ChannelPrediction":
         try:
+            layers = card.get("backbone_layers")
             return cls(int(card["past"]), int(card["future"]), int(card["features_in"]), int(card["features_out"]),
-                       int(card.get("head_seed", 0)), bool(card.get("tune_norms", True)))
+                       0, bool(card.get("tune_norms", True)), None if layers is None else int(layers))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"a channel_prediction card needs past, future, features_in, features_out ({exc})") from None
 
     def predictor(self, backbone: nn.Module, seed: int) -> ChannelPredictor:
-        d = int(getattr(backbone, "config").hidden_size)
+        """The predictor around ``backbone`` (cut to its first ``backbone_layers`` blocks, in place)."""
+        config: Any = getattr(backbone, "config")
+        k = self.backbone_layers
+        if k is not None:
+            blocks: Any = getattr(backbone, "layers")
+            if k > len(blocks):
+                raise ConfigError(f"channels.backbone_layers {k} exceeds the backbone's {len(blocks)} blocks")
+            setattr(backbone, "layers", blocks[:k])
+            config.num_hidden_layers = k
+        d = int(config.hidden_size)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             embed = CsiEmbed(self.features_in, self.past, d)
@@ -188,7 +202,7 @@ class ChannelPrediction:
 
     def card(self) -> dict[str, Any]:
         return {"past": self.past, "future": self.future, "features_in": self.features_in,
-                "features_out": self.features_out, "tune_norms": self.tune_norms}
+                "features_out": self.features_out, "tune_norms": self.tune_norms, "backbone_layers": self.backbone_layers}
 
     def serve_model(self, base: nn.Module, adapters: dict[str, Path]) -> nn.Module:
         if not adapters:
