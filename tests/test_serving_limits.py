@@ -251,9 +251,10 @@ def test_topology_file_errors_name_the_key(tmp_path, text, message) -> None:
 
 
 def test_infer_rejects_an_empty_prompt_before_starting_services(repo) -> None:
-    proc = cli(repo, "infer", "--topology", "configs/tiny_pipeline.yaml", "--raw", "--prompt", "")
-    assert proc.returncode == 2 and "--prompt is empty" in proc.stderr and "Traceback" not in proc.stderr
-    assert "services:" not in proc.stdout
+    for prompt in (["--prompt", ""], []):  # empty, or left out (a generating topology needs one)
+        proc = cli(repo, "infer", "--topology", "configs/tiny_pipeline.yaml", "--raw", *prompt)
+        assert proc.returncode == 2 and "--prompt is missing or empty" in proc.stderr and "Traceback" not in proc.stderr
+        assert "services:" not in proc.stdout
 
 
 # --- the gateway (probe section 4) and faults (section 5) ---
