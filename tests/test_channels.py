@@ -102,6 +102,8 @@ def test_tiny_channel_config_and_task(repo) -> None:
         load_config(repo / "configs/tiny_channel.yaml", ["channels.profiles=[Z]"])
     with pytest.raises(ConfigError, match="task does not fit data.source"):
         load_config(repo / "configs/tiny_channel.yaml", ["task=causal_lm"])
+    with pytest.raises(ConfigError, match="beams.base_stations names a base station twice"):
+        load_config(repo / "configs/tiny_beam.yaml", ["beams.base_stations=[1,1]"])
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,8 @@ class BeamConfig:
     def __post_init__(self) -> None:
         _require(len(self.base_stations) >= 1 and all(b in (1, 2, 3) for b in self.base_stations),
                  "beams.base_stations", "must list DeepMIMO New York base stations from [1, 2, 3]", self.base_stations)
+        _require(len(set(self.base_stations)) == len(self.base_stations), "beams.base_stations",
+                 "names a base station twice; list each once", list(self.base_stations))
         _one_of(self.features, "beams.features", ["position", "paths", "track"])
         _require(self.n_tx >= 1 and self.n_beams >= 2, "beams.n_tx/n_beams", "must be n_tx >= 1, n_beams >= 2",
                  (self.n_tx, self.n_beams))
