@@ -28,6 +28,7 @@ from typing import Any
 
 from edgelam.channels.csi import coherence_time_s
 from edgelam.config import ConfigError
+from edgelam.config_checks import number
 from edgelam.infer.client import HttpTransport, LinkShaper, LocalTransport
 from edgelam.infer.launch import Service, start_service, wait_ready
 from edgelam.infer.modules import ModuleHost, ModuleSpec
@@ -43,22 +44,13 @@ def check_predict(extra: dict[str, Any], names: set[str], where: str) -> None:
         raise ConfigError(f"{where}: run must name a channel- or beam-prediction run folder (with adapter/ and "
                           f"config.yaml), e.g. runs/tiny_channel from `edgelam run configs/tiny_channel.yaml --out "
                           f"runs/tiny_channel`; got {run!r}")
-    requests = extra.get("requests", 20)
-    if not isinstance(requests, int) or isinstance(requests, bool) or requests < 1:
-        raise ConfigError(f"{where}: requests must be an integer >= 1, got {requests!r}")
+    number(extra, "requests", 20, 1, where, integer=True)
     speeds = extra.get("speed_kmh", [])
     if not isinstance(speeds, list) or not all(isinstance(v, (int, float)) and v > 0 for v in speeds):
         raise ConfigError(f"{where}: speed_kmh must be a list of speeds > 0 km/h, got {speeds!r}")
     for key in ("carrier_ghz", "device_flops_per_s"):
-        value = extra.get(key, 1.0)
-        try:  # YAML 1.1 reads 2.0e10 as a string
-            ok = not isinstance(value, bool) and float(value) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"{where}: {key} must be a number > 0, got {value!r}")
-        if key in extra:
-            extra[key] = float(value)
+        if key in extra:  # YAML 1.1 reads 2.0e10 as a string: keep the number
+            extra[key] = number(extra, key, None, 0, where, strict=True)
 
 
 @dataclass

@@ -219,13 +219,14 @@ class ModuleHost:
 
     def _whole(self, batch: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
         """One stateless batch through the whole model and the task's ``predict`` (logits on request)."""
-        self._check_request_tokens(self.task.tokens(batch))
+        tokens = self.task.tokens(batch)
+        self._check_request_tokens(tokens)
         if "input_ids" in batch:
             ids = batch["input_ids"]
             self._check_context(0, ids.shape[1])
             if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
                 raise ModuleError(f"input_ids must lie in [0, {self.config.vocab_size})")
-        self.stats["tokens_total"] += self.task.tokens(batch)
+        self.stats["tokens_total"] += tokens
         output = self.task.output(self.served.model, batch)
         out = self.task.predict(output)
         if meta.get("return_logits"):

@@ -24,7 +24,6 @@ device's coordinator (one ``Runner`` builder per mode, in ``RUNNERS``) and stops
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 import yaml
 
 from edgelam.config import ConfigError
+from edgelam.config_checks import number as _number
 from edgelam.infer.client import (
     HttpTransport,
     LinkShaper,
@@ -88,24 +88,6 @@ ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "
            "emulate_links", "hop_overhead_ms"}
 MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
              "escalation": {"tiers"}, "multi_access": {"servers", "seed"}, "predict": PREDICT_KEYS}
-
-
-def _number(data: dict[str, Any], key: str, default: float | None, minimum: float, where: str, integer: bool = False,
-            strict: bool = False) -> Any:
-    """``data[key]`` (``default`` when absent; None: required) as an int / float >= ``minimum`` (> when
-    ``strict``), or a ConfigError naming the key."""
-    value: Any = data.get(key, default)
-    if value is None:
-        raise ConfigError(f"{where}: {key} is required")
-    if isinstance(value, str):  # YAML 1.1 reads 1.0e11 (no sign in the exponent) as a string
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (not integer or float(value).is_integer()))
-    if not ok or (value <= minimum if strict else value < minimum):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{where}: {key} must be {kind} {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return int(value) if integer else float(value)
 
 
 def parse_nodes(data: dict[str, Any], where: str) -> list[Node]:
