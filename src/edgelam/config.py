@@ -315,8 +315,8 @@ class RunConfig:
             _require(self.model.dtype == "float32", "model.dtype", "must be float32 for task classification (an encoder)",
                      self.model.dtype)
         if self.task in ("channel_prediction", "beam_prediction"):
-            _require(self.fl.strategy not in SPLIT_STRATEGIES, "fl.strategy", f"split learning of {self.task} "
-                     "is not supported yet; use a federated strategy (fedavg ...)", self.fl.strategy)
+            _require(not self.split.embedding_lora, "split.embedding_lora", f"applies to token embeddings; {self.task}'s "
+                     "input module is trained in full on the device. Remove it", self.split.embedding_lora)
             _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: one "
                      "environment: channels.profiles[k % len], beams.base_stations[k % len]) or iid for "
                      f"data.source {self.data.source}", self.data.partition)

@@ -150,12 +150,47 @@ class Back(nn.Module):
         self.arch, self.layers, self.norm = arch, nn.ModuleList(layers), norm
         self.head: Any = head
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, attention_mask: Tensor, inputs: Tensor | None = None) -> Tensor:
         hidden = self.arch.run(self.layers, hidden, attention_mask)
         if not self.arch.decoder:
             return self.head(hidden, attention_mask)  # type: ignore[no-any-return]  # (B, C)
         assert self.norm is not None  # a decoder's Back always holds the final norm
         return self.head(self.norm(hidden))  # type: ignore[no-any-return]  # (B, T, V)
+
+
+@dataclass(frozen=True)
+class SplitParts:
+    """A task's own input module and head around a decoder's blocks (channel and beam prediction),
+    as split learning runs them: both stay on the device. ``front`` maps the batch's ``key`` tensor
+    to the backbone's input embeddings (B, ``positions``, d); ``back`` maps the final norm's output
+    and that same input tensor (which never left the device) to the task's output."""
+
+    key: str
+    positions: int
+    front: nn.Module
+    back: nn.Module
+
+
+class PartsFront(nn.Module):
+    """The device's front for a task with its own input module: that module, then blocks [0, a)."""
+
+    def __init__(self, arch: _Arch, part: nn.Module, layers: list[nn.Module], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.arch, self.part, self.layers, self.dtype = arch, part, nn.ModuleList(layers), dtype
+
+    def forward(self, inputs: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.arch.run(self.layers, self.part(inputs).to(self.dtype), attention_mask)
+
+
+class PartsBack(nn.Module):
+    """The device's back for a task with its own head: blocks [b, L), the final norm, the head."""
+
+    def __init__(self, arch: _Arch, layers: list[nn.Module], norm: Any, part: nn.Module) -> None:
+        super().__init__()
+        self.arch, self.layers, self.norm, self.part = arch, nn.ModuleList(layers), norm, part
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor, inputs: Tensor | None = None) -> Tensor:
+        return self.part(self.norm(self.arch.run(self.layers, hidden, attention_mask)), inputs)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -164,14 +199,23 @@ class SplitModel:
 
     peft: Any  # PeftModel over the backbone
     tokenizer: PreTrainedTokenizerBase
-    front: Front
+    front: Front | PartsFront
     middle: Middle
-    back: Back
+    back: Back | PartsBack
     cut: tuple[int, int]
     num_layers: int
     hidden: int
     decoder: bool
     num_classes: int  # 0 for a causal LM
+    parts: SplitParts | None = None  # a task's own input module and head (channel, beam); None: tokens in
+
+    def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(what the front reads, the attention mask) of a batch: token ids and their padding mask,
+        or a task's input tensor and an all-ones mask (no padding: none is sent)."""
+        if self.parts is None:
+            return batch["input_ids"], batch["attention_mask"]
+        x = batch[self.parts.key]
+        return x, torch.ones(x.shape[0], self.parts.positions, dtype=torch.long)
 
     def segments(self) -> dict[str, nn.Module]:
         return {"front": self.front, "middle": self.middle, "back": self.back}
@@ -225,10 +269,7 @@ def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, 
         backbone_pre = model
         embed_name = "word_embeddings"
     n_layers = int(model.config.num_hidden_layers)
-    a, b = cut if cut is not None else (0, n_layers)
-    if not 0 <= a <= b <= n_layers:
-        raise ConfigError(f"split.cut {[a, b]} must satisfy 0 <= a <= b <= {n_layers} (the model has {n_layers} blocks); "
-                          f"the server runs blocks [a, b)")
+    a, b = _check_cut(cut, n_layers)
     targets = tuple(lora.target_modules) + ((embed_name,) if embedding_lora else ())
     settings = LoraConfig(lora.r, lora.alpha, lora.dropout, targets)
     peft: Any = attach_lora(model, settings, seed=seed, task_type="CAUSAL_LM" if decoder else None)
@@ -249,6 +290,36 @@ def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, 
                       0 if decoder else num_classes)
 
 
+def _check_cut(cut: tuple[int, int] | None, n_layers: int) -> tuple[int, int]:
+    a, b = cut if cut is not None else (0, n_layers)
+    if not 0 <= a <= b <= n_layers:
+        raise ConfigError(f"split.cut {[a, b]} must satisfy 0 <= a <= b <= {n_layers} (the model has {n_layers} blocks); "
+                          f"the server runs blocks [a, b)")
+    return a, b
+
+
+def build_parts_split(task: Any, base: nn.Module, tokenizer: Any, lora: LoraConfig, cut: tuple[int, int] | None,
+                      seed: int) -> SplitModel:
+    """Cut a task's own model (``task.wrap``: its input module, a decoder's blocks with LoRA, its
+    head; ``tasks/channel.py``, ``tasks/beam.py``) for split learning: the device runs the input
+    module and blocks [0, a), the server blocks [a, b), the device the rest and the head. ``base``
+    is a fresh copy of the decoder's base model (it is wrapped in place)."""
+    peft: Any = task.wrap(base, lora, seed)
+    predictor = peft.base_model.model
+    parts: SplitParts = task.split_parts(predictor)
+    backbone = predictor.backbone
+    layers = list(backbone.layers)
+    a, b = _check_cut(cut, len(layers))
+    arch = _Arch(backbone, True)
+    dtype = next(backbone.parameters()).dtype
+    front = PartsFront(arch, parts.front, layers[:a], dtype)
+    back = PartsBack(arch, layers[b:], backbone.norm, parts.back)
+    return SplitModel(peft, tokenizer, front, Middle(arch, layers[a:b]), back, (a, b), len(layers),
+                      int(backbone.config.hidden_size), True, 0, parts)
+
+
 def unload(sm: SplitModel) -> None:
-    """Give the shared base model back without LoRA layers (the base is cached per process)."""
-    sm.peft.unload()
+    """Give the shared base model back without LoRA layers (the base is cached per process; a
+    task's own model is wrapped around a fresh copy, dropped with the run)."""
+    if sm.parts is None:
+        sm.peft.unload()

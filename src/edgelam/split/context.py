@@ -10,7 +10,7 @@ import torch
 
 from edgelam.config import ConfigError, RunConfig
 from edgelam.fl.client import batches, num_local_steps
-from edgelam.models.split import SplitModel, build_split
+from edgelam.models.split import SplitModel, build_parts_split, build_split
 from edgelam.net import channel
 from edgelam.net.topology import Topology, place_devices
 from edgelam.split import scheduling
@@ -40,8 +40,11 @@ def setup_split(cfg: RunConfig) -> SplitContext:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ts = setup_task(cfg)  # the task's own set-up rejects a model of the wrong kind before loading it
-    sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes_of(ts.task)), cfg.split.embedding_lora,
-                     cfg.seed, cfg.model.dtype)
+    if hasattr(ts.task, "split_parts"):  # the task's own input module and head (channel, beam prediction)
+        sm = build_parts_split(ts.task, ts.base, ts.tokenizer, cfg.model.lora, cfg.split.cut, cfg.seed)
+    else:
+        sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes_of(ts.task)),
+                         cfg.split.embedding_lora, cfg.seed, cfg.model.dtype)
     clients: list[list[Any]] = [c.train for c in ts.data.clients]
     test = [e for xs in ts.data.global_eval.values() for e in xs[: cfg.eval.max_per_task]]
     bs = cfg.eval.batch_size

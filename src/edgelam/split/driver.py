@@ -31,7 +31,7 @@ from edgelam.config import RunConfig
 from edgelam.fl.strategies import build_strategy
 from edgelam.models.load import base_seed
 from edgelam.models.lora import serialize
-from edgelam.models.split import unload
+from edgelam.models.split import Back, unload
 from edgelam.rundir import RunFolder, RunState, zero_row
 from edgelam.split import scheduling
 from edgelam.split.context import DevicePlan, SplitContext, decide, device_load, plan_device, setup_split
@@ -165,9 +165,7 @@ class SplitDriver:
     def evaluate(self, st: RunState) -> dict[str, Any]:
         res = evaluate(self.ctx.sm, *sides(st.state), self.ctx.eval_batches, self.ctx.task)
         out: dict[str, Any] = {"eval_loss": res["loss"], "eval_ppl": math.exp(min(res["loss"], 50.0)), "eval_tasks": None}
-        if "accuracy" in res:
-            out["eval_accuracy"] = res["accuracy"]
-        return out
+        return out | {f"eval_{k}": v for k, v in res.items() if k != "loss"}  # accuracy, nmse_db, top1 ...
 
     def diagnostics(self, st: RunState) -> dict[str, float]:
         return {}
@@ -182,8 +180,7 @@ class SplitDriver:
         rounds = max(st.round, 1)
         return {
             "data": ctx.description, "split_cut": list(ctx.sm.cut), "num_layers": ctx.sm.num_layers,
-            "schedule_policy": cfg.split.schedule.policy, "final_eval_accuracy": folder.rows[-1].get("eval_accuracy"),
-            "first_eval_accuracy": folder.rows[0].get("eval_accuracy"), "final_eval_tasks": None,
+            "schedule_policy": cfg.split.schedule.policy, "final_eval_tasks": None,
             "budget": cfg.split.schedule.budget, "budget_per_device": ctx.budget,
             "spent_per_round": [float(x) / rounds for x in st.aux["spent_sum"]],
             "energy_per_round_j": [float(x) / rounds for x in st.aux["energy_sum"]],
@@ -200,6 +197,7 @@ class SplitDriver:
         sm.load_into_model(srv)
         sm.peft.save_pretrained(str(path))
         if not sm.decoder:
+            assert isinstance(sm.back, Back)  # an encoder's back holds the classifier
             to_classifier_adapter(path, sm.back.head.state_dict())
         write_card(path, self.ctx.task, cfg.model.name, base_seed(cfg.model.name, cfg.seed))
 

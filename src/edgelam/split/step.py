@@ -59,7 +59,7 @@ def front_trainable(sm: SplitModel) -> bool:
 
 def plan(sm: SplitModel, batch: dict[str, Tensor], act_codec: str, grad_codec: str) -> StepPlan:
     """The phases of one step on ``batch``: what each side computes and what crosses each link."""
-    b, t = batch["input_ids"].shape
+    b, t = sm.inputs(batch)[1].shape
     n = b * t
     fm_front, fm_mid, fm_back = sm.flops("front"), sm.flops("middle"), sm.flops("back")
     if sm.cut[0] == sm.cut[1]:  # nothing on the server: plain on-device LoRA training
@@ -70,7 +70,7 @@ def plan(sm: SplitModel, batch: dict[str, Tensor], act_codec: str, grad_codec: s
     trainable_front = front_trainable(sm)
     phases = [
         Phase(DEV, forward_flops(fm_front, n, t)),
-        Phase(UP, act + mask_bytes((b, t))),
+        Phase(UP, act + _mask_bytes(sm, (b, t))),
         Phase(SRV, forward_flops(fm_mid, n, t)),
         Phase(DOWN, act),
         Phase(DEV, lora_train_flops(fm_back, n, t)),
@@ -89,22 +89,22 @@ def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[
     ``device`` maps "front" and "back" to that device's trainable tensors, ``server`` holds the
     server copy's middle tensors (segment-relative names)."""
     task = task or task_of(sm)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    inputs, mask = sm.inputs(batch)
     res = StepResult(loss=0.0)
-    x = call(sm.front, device["front"], ids, mask)
+    x = call(sm.front, device["front"], inputs, mask)
     if sm.cut[0] == sm.cut[1]:
-        logits = call(sm.back, device["back"], x, mask)
+        logits = call(sm.back, device["back"], x, mask, inputs)
         loss = task.head_loss(logits, batch)
         loss.backward()
         return _finish(task, res, loss, logits, batch)
     up = encode(x, act_codec)  # activations up, with the padding mask
     xs = up.decoded.requires_grad_(x.requires_grad)
-    res.bytes["act_up"], res.bytes["mask_up"] = up.nbytes, mask_bytes(tuple(mask.shape))
+    res.bytes["act_up"], res.bytes["mask_up"] = up.nbytes, _mask_bytes(sm, tuple(mask.shape))
     h = call(sm.middle, server, xs, mask)
     down = encode(h, act_codec)  # features down
     hd = down.decoded.requires_grad_(True)
     res.bytes["feat_down"] = down.nbytes
-    logits = call(sm.back, device["back"], hd, mask)
+    logits = call(sm.back, device["back"], hd, mask, inputs)
     loss = task.head_loss(logits, batch)
     loss.backward()
     assert hd.grad is not None
@@ -117,6 +117,11 @@ def step(sm: SplitModel, device: dict[str, Params], server: Params, batch: dict[
         res.bytes["grad_down"] = gx.nbytes
         x.backward(gx.decoded)
     return _finish(task, res, loss, logits, batch)
+
+
+def _mask_bytes(sm: SplitModel, shape: tuple[int, ...]) -> int:
+    """The padding mask goes up with token activations; a task's own inputs have no padding."""
+    return mask_bytes(shape) if sm.parts is None else 0
 
 
 def _finish(task: Task, res: StepResult, loss: Tensor, logits: Tensor, batch: dict[str, Tensor]) -> StepResult:
@@ -147,7 +152,7 @@ def evaluate(sm: SplitModel, device_state: Params, server_state: Params, batches
     srv = {k[len("middle") + 1:]: v for k, v in server_state.items()}
     sums: dict[str, float] = {}
     for batch in batches:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        h = call(sm.middle, srv, call(sm.front, dev["front"], ids, mask), mask)
-        sums = add_sums(sums, task.head_sums(call(sm.back, dev["back"], h, mask), batch))
+        inputs, mask = sm.inputs(batch)
+        h = call(sm.middle, srv, call(sm.front, dev["front"], inputs, mask), mask)
+        sums = add_sums(sums, task.head_sums(call(sm.back, dev["back"], h, mask, inputs), batch))
     return task.metrics(sums)

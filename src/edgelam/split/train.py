@@ -147,7 +147,7 @@ def train_round(ctx: SplitContext, r: int, st: RunState, plans: dict[int, Device
             srv.update()
             out.losses[k].append(res.loss)
             out.correct[k] += res.correct
-            out.seen[k] += int(batch["labels"].shape[0])
+            out.seen[k] += int(sm.inputs(batch)[1].shape[0])
             for name, n in res.bytes.items():
                 out.bytes[name] = out.bytes.get(name, 0) + n
     finally:

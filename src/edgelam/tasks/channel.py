@@ -34,7 +34,7 @@ from edgelam.models.load import base_seed, fresh_base
 from edgelam.models.lora import attach_lora, load_adapters
 from edgelam.channels.data import build_channel_data
 from edgelam.channels.samples import CsiSample, complex_to_real, nmse_per_sample, real_to_complex
-from edgelam.models.split import is_encoder
+from edgelam.models.split import SplitParts, is_encoder
 from edgelam.tasks.base import Batch, TaskSetup
 
 __all__ = ["ChannelPrediction", "ChannelPredictor", "CsiSample", "complex_to_real", "nmse_per_sample"]
@@ -87,15 +87,52 @@ class ChannelPredictor(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, past: Tensor) -> Tensor:
-        mean = past.mean(dim=(1, 2), keepdim=True)
-        std = past.std(dim=(1, 2), keepdim=True) + 1e-6
-        x = (past - mean) / std
-        tokens = self.csi_embed(x)
+        tokens = embed_past(self.csi_embed, past)
         dtype = next(self.backbone.parameters()).dtype
         hidden = self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state
-        delta = self.csi_head(hidden.float())
-        last = x[:, -1:, :] if delta.shape[-1] == x.shape[-1] else 0.0  # FDD (another band): no residual
-        return (last + delta) * std + mean  # type: ignore[no-any-return]
+        return head_future(self.csi_head, hidden, past)
+
+
+def normalise(past: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(instance-normalised past, its mean, its std) per sample."""
+    mean = past.mean(dim=(1, 2), keepdim=True)
+    std = past.std(dim=(1, 2), keepdim=True) + 1e-6
+    return (past - mean) / std, mean, std
+
+
+def embed_past(embed: nn.Module, past: Tensor) -> Tensor:
+    """The backbone's input embeddings (B, P, d) of raw past CSI (B, P, 2S)."""
+    return embed(normalise(past)[0])  # type: ignore[no-any-return]
+
+
+def head_future(head: nn.Module, hidden: Tensor, past: Tensor) -> Tensor:
+    """The predicted future (B, F, 2S') from the backbone's output and the raw past it saw."""
+    x, mean, std = normalise(past)
+    delta = head(hidden.float())
+    last = x[:, -1:, :] if delta.shape[-1] == x.shape[-1] else 0.0  # FDD (another band): no residual
+    return (last + delta) * std + mean  # type: ignore[no-any-return]
+
+
+class _SplitIn(nn.Module):
+    """Split learning's device-side input module: past CSI -> embeddings (``embed_past``)."""
+
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.csi_embed = embed
+
+    def forward(self, past: Tensor) -> Tensor:
+        return embed_past(self.csi_embed, past)
+
+
+class _SplitOut(nn.Module):
+    """Split learning's device-side head: the final norm's output and the past -> future CSI."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.csi_head = head
+
+    def forward(self, hidden: Tensor, past: Tensor) -> Tensor:
+        return head_future(self.csi_head, hidden, past)
 
 
 class ChannelPrediction:
@@ -151,6 +188,11 @@ class ChannelPrediction:
             embed = CsiEmbed(self.features_in, self.past, d)
             head = CsiHead(d, self.features_out, self.past, self.future)
         return ChannelPredictor(backbone, embed, head)
+
+    def split_parts(self, model: ChannelPredictor) -> SplitParts:
+        """For split learning (2505.03139's decomposition by modality): the CSI encoder and the head on
+        the device, the backbone's blocks cut between the device and the edge server."""
+        return SplitParts("past", self.past, _SplitIn(model.csi_embed), _SplitOut(model.csi_head))
 
     def collate(self, samples: Sequence[CsiSample]) -> Batch:
         return {"past": torch.stack([s.past for s in samples]), "future": torch.stack([s.future for s in samples])}
