@@ -16,6 +16,7 @@ from edgelam.channels.predictors import (
     TransformerPredictor,
     ar_predict,
     fit,
+    mrt_spectral_efficiency,
     nmse_db,
     repeat_last,
 )
@@ -61,6 +62,20 @@ def test_nmse_and_noise_on_hand_worked_values() -> None:
     h = np.ones((4000, 4, 8), dtype=np.complex64)
     noisy = add_noise(h, np.full(4000, 10.0), np.random.default_rng(0))
     assert float(np.mean(np.abs(noisy - h) ** 2)) == pytest.approx(0.1, rel=0.02)  # SNR 10 dB
+
+
+def test_mrt_spectral_efficiency_on_hand_worked_values() -> None:
+    # one user, 2 BS antennas, h = [1, j] (each link a (1 slot, re | im) sample); SNR 0 dB (rho = 1)
+    h = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    assert mrt_spectral_efficiency(h, h, 2, 0.0) == pytest.approx(math.log2(3))  # perfect CSI: log2(1 + ||h||^2)
+    assert mrt_spectral_efficiency(2.5 * h, h, 2, 0.0) == pytest.approx(math.log2(3))  # MRT ignores the scale
+    only_first = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])  # w = [1, 0]: |h^H w|^2 = 1
+    assert mrt_spectral_efficiency(only_first, h, 2, 0.0) == pytest.approx(1.0)
+    orthogonal = torch.tensor([[[1.0, 0.0]], [[0.0, -1.0]]])  # w = [1, -j] / sqrt 2: no gain at all
+    assert mrt_spectral_efficiency(orthogonal, h, 2, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert mrt_spectral_efficiency(h, h, 2, 10.0) == pytest.approx(math.log2(21))
+    with pytest.raises(ValueError, match="multiple of 4 antennas"):
+        mrt_spectral_efficiency(h, h, 4, 0.0)
 
 
 def test_coherence_time_is_0423_c_over_v_fc() -> None:

