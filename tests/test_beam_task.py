@@ -139,6 +139,20 @@ def test_federated_beam_prediction_learns_and_serves(tmp_path: Path, repo: Path)
     loss_db = gain_loss_db(beams, torch.stack([s.gains for s in test]).double().numpy())
     assert loss_db == pytest.approx(last["eval_gain_loss_db"], abs=0.1)
 
+    # timed against the coherence time at the scenario's own carrier (DeepMIMO New York: 3.5 GHz)
+    from edgelam.channels.csi import coherence_time_s
+    from edgelam.infer.deadline import run_predict
+    from edgelam.infer.topology import load_topology
+
+    topo = tmp_path / "serving.yaml"
+    topo.write_text(f"mode: predict\nrun: {tmp_path / 'run'}\nrequests: 3\n"
+                    "nodes: [{name: edge, flops_per_s: 1.0e12}]\nlinks: [{a: device, b: edge, rtt_ms: 2, rate_mbps: 100}]\n")
+    report = run_predict(load_topology(topo))
+    assert report["task"] == "beam_prediction" and report["carrier_ghz"] == pytest.approx(3.5)
+    assert report["coherence_ms"] == {30.0: pytest.approx(1e3 * coherence_time_s(30.0, 3.5))}
+    edge = report["placements"][1]
+    assert edge["placement"] == "edge" and edge["p50_ms"] >= 2.0 and edge["bytes_up"] > 4 * test[0].inputs.numel()
+
 
 @needs_deepmimo
 def test_track_features_learn_the_next_beam(tmp_path: Path, repo: Path) -> None:

@@ -93,9 +93,18 @@ def modelled_s(tier: Tier, flops: float, bytes_up: int, bytes_down: int) -> floa
 
 
 def speeds_of(topo: Any, cfg: Any) -> tuple[list[float], float]:
+    """The speeds and carrier to hold the latency against: the topology's, else the run's (a channel
+    run's speed range ends and carrier; a beam run's DeepMIMO scenario carrier, and 30 km/h)."""
+    beam = cfg.task == "beam_prediction"
     speeds = [float(v) for v in topo.extra.get("speed_kmh") or []] or \
-        sorted({float(v) for v in cfg.channels.speed_kmh if v > 0}) or [30.0]
-    return speeds, float(topo.extra.get("carrier_ghz", cfg.channels.carrier_ghz))
+        ([] if beam else sorted({float(v) for v in cfg.channels.speed_kmh if v > 0})) or [30.0]
+    if "carrier_ghz" in topo.extra:
+        return speeds, float(topo.extra["carrier_ghz"])
+    if beam:
+        from edgelam.channels.beam_data import scenario
+
+        return speeds, scenario(cfg.beams.base_stations[0]).carrier_hz / 1e9
+    return speeds, float(cfg.channels.carrier_ghz)
 
 
 def start_tiers(topo: Any, adapter: Path, host: ModuleHost, services: list[Service]) -> list[Tier]:
