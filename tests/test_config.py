@@ -56,3 +56,20 @@ def test_cli_reports_missing_data_path(tmp_path: Path, repo):
     assert proc.returncode == 2
     assert "data path 'no/such/file.json' not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_shipped_config_loads(repo) -> None:
+    """Each YAML in configs/ is a valid run config or serving topology (a predict topology names a
+    run folder made by its own header's command, so only its run check is left out)."""
+    import yaml
+
+    from edgelam.infer.topology import load_topology
+
+    files = sorted((repo / "configs").glob("*.yaml"))
+    assert len(files) >= 20
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        if "mode" not in raw:
+            load_config(path)
+        elif raw["mode"] != "predict":
+            load_topology(path)
