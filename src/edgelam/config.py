@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgelam.config_channels import BeamConfig, ChannelConfig
+from edgelam.config_sensing import SensingConfig
 from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
 from edgelam.config_checks import require as _require
@@ -86,7 +87,8 @@ class DataConfig:
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", *CLASSIFICATION_SOURCES, "cdl", "deepmimo"])
+        _one_of(self.source, "data.source", ["auto", "synthetic", "dolly", "files", "hf", *CLASSIFICATION_SOURCES, "cdl", "deepmimo",
+                                                 "wifi", "wifi_sim"])
         _one_of(self.partition, "data.partition", ["iid", "dirichlet", "by_task", "presplit"])
         _one_of(self.format, "data.format", ["auto", "dolly", "alpaca", "gsm8k", "fingpt", "messages", "prompt_completion", "text"])
         _require(self.num_clients >= 1, "data.num_clients", "must be >= 1", self.num_clients)
@@ -258,9 +260,10 @@ class EvalConfig:
 
 # The task names (tasks/__init__.py TASKS holds the classes; a test keeps the two equal). Config
 # validates against these names and never imports task code.
-TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction")
+TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction", "activity_recognition")
 CHANNEL_SOURCES = ("cdl",)  # generated CSI (channels/): task channel_prediction
 BEAM_SOURCES = ("deepmimo",)  # DeepMIMO New York (channels/deepmimo.py): task beam_prediction
+SENSING_SOURCES = ("wifi", "wifi_sim")  # Wi-Fi CSI windows (sensing/): task activity_recognition
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     channels: ChannelConfig = field(default_factory=ChannelConfig)  # data.source cdl: generated CSI
     beams: BeamConfig = field(default_factory=BeamConfig)  # data.source deepmimo: beam prediction
+    sensing: SensingConfig = field(default_factory=SensingConfig)  # data.source wifi | wifi_sim: activities
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES
@@ -301,12 +305,13 @@ class RunConfig:
         _one_of(self.task, "task", ["auto", *TASK_NAMES])
         fits = "classification" if self.data.source in CLASSIFICATION_SOURCES else \
             "channel_prediction" if self.data.source in CHANNEL_SOURCES else \
-            "beam_prediction" if self.data.source in BEAM_SOURCES else "causal_lm"
+            "beam_prediction" if self.data.source in BEAM_SOURCES else \
+            "activity_recognition" if self.data.source in SENSING_SOURCES else "causal_lm"
         if self.task == "auto":
             object.__setattr__(self, "task", fits)
         _require(self.task == fits, "task", f"does not fit data.source '{self.data.source}': classification trains on "
                  f"{list(CLASSIFICATION_SOURCES)}, channel_prediction on {list(CHANNEL_SOURCES)}, beam_prediction on "
-                 f"{list(BEAM_SOURCES)}, causal_lm on text "
+                 f"{list(BEAM_SOURCES)}, activity_recognition on {list(SENSING_SOURCES)}, causal_lm on text "
                  f"data; leave task at 'auto' to follow data.source", self.task)
         if self.task != "causal_lm":
             _require(self.eval.generate == 0, "eval.generate", f"applies to task causal_lm only ({self.task} has no "
@@ -314,9 +319,14 @@ class RunConfig:
         if self.task == "classification":
             _require(self.model.dtype == "float32", "model.dtype", "must be float32 for task classification (an encoder)",
                      self.model.dtype)
-        if self.task in ("channel_prediction", "beam_prediction"):
+        if self.task == "activity_recognition":
+            allowed = ["by_task", "iid", "dirichlet"] if self.data.source == "wifi" else ["iid"]
+            _require(self.data.partition in allowed, "data.partition", f"must be one of {allowed} for data.source "
+                     f"{self.data.source} (by_task: client k holds whole recordings)", self.data.partition)
+        if self.task in ("channel_prediction", "beam_prediction", "activity_recognition"):
             _require(not self.split.embedding_lora, "split.embedding_lora", f"applies to token embeddings; {self.task}'s "
                      "input module is trained in full on the device. Remove it", self.split.embedding_lora)
+        if self.task in ("channel_prediction", "beam_prediction"):
             _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: one "
                      "environment: channels.profiles[k % len], beams.base_stations[k % len]) or iid for "
                      f"data.source {self.data.source}", self.data.partition)

@@ -87,6 +87,10 @@ class Purpose(IntEnum):
     CSI_NOISE = 32  # (client or eval stream): noise on the past CSI, few-shot subsampling
     BEAM_SPLIT = 40  # (base station): DeepMIMO users held out for evaluation
     BEAM_PARTITION = 41  # (base station; none for iid): training users shared out among clients
+    SENSING_FOLDS = 50  # Wi-Fi recordings dealt into folds
+    SENSING_SIM = 51  # (client or eval stream): generated activity windows
+    SENSING_PARTITION = 52  # training recordings / windows shared out among clients
+    SENSING_CODEBOOK = 53  # the vq codebook's k-means
     EVAL_SPLIT = 101  # text data: global evaluation examples per task
     PARTITION = 102  # text data: clients' shares
     HELDOUT = 103  # (client): a client's held-out examples
