@@ -185,3 +185,17 @@ def test_real_recordings_fold_by_recording(repo: Path) -> None:
     loro = load_config(repo / "configs/tiny_sensing.yaml", ["data.source=wifi", "sensing.folds=25"])
     with pytest.raises(DataError, match="exceeds the 24 recordings"):
         build_sensing_data(loro.sensing, loro.data, loro.seed)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "ifca", "fedbuff", "hierfavg", "flexlora"])
+def test_other_strategies_run_on_tiny_sensing(tmp_path: Path, repo: Path, strategy: str) -> None:
+    """One scheme of each driver (and a heterogeneous-rank one) runs the task unchanged."""
+    from edgelam.lifecycle import run
+
+    extra = {"flexlora": ["fl.rank.ranks=[2,4]"], "fedprox": ["train.prox_mu=0.01"]}.get(strategy, [])
+    cfg = load_config(repo / "configs/tiny_sensing.yaml", [f"fl.strategy={strategy}", "fl.rounds=1", "train.local_steps=3",
+                                                           "sensing.per_class=4", "sensing.tokenizer=vq",
+                                                           "sensing.codebook=8", *extra])
+    run(cfg, tmp_path / "run")
+    rows = rows_of(tmp_path / "run")
+    assert math.isfinite(rows[-1]["eval_accuracy"]) and rows[-1]["bytes_up"] > 0
