@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +47,20 @@ QUICK = Sizes(seeds=(0,), rounds=2, local_steps=3, lr=0.003, users=8, eval_users
               beam_rounds=1, beam_steps=3, mlp_epochs=20, smollm2_rounds=1, smollm2_steps=1)
 
 Results = dict[tuple[str, ...], list[float]]  # (table, row, column) -> one value per seed
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or platform.machine()}, {THREADS} torch threads"
+
+
+def git_rev() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
 
 
 def results() -> Results:

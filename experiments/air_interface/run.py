@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,9 @@ from common import (
     Results,
     Sizes,
     bar_plot,
+    git_rev,
     line_plot,
+    machine,
     mean,
     results,
     table,
@@ -40,20 +40,6 @@ from common import (
 from edgelam.config_load import load_config
 
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.processor() or platform.machine()}, {THREADS} torch threads"
-
-
-def git_rev() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
 
 
 def header(args: argparse.Namespace, sz: Sizes, wall_s: float) -> list[str]:
