@@ -26,7 +26,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m ruff check --select F src tests benchmarks
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
