@@ -171,6 +171,28 @@ class SplitParts:
     back: nn.Module
 
 
+class EmbedPart(nn.Module):
+    """A task's input module as split learning's device-side front part (``SplitParts.front``)."""
+
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.embed(inputs)  # type: ignore[no-any-return]
+
+
+class PooledHeadPart(nn.Module):
+    """A head over the tokens' mean as split learning's device-side back part (``SplitParts.back``)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: Tensor, inputs: Tensor) -> Tensor:
+        return self.head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]
+
+
 class PartsFront(nn.Module):
     """The device's front for a task with its own input module: that module, then blocks [0, a)."""
 

@@ -32,7 +32,7 @@ from edgelam.config import LoraConfig as LoraSettings
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed, fresh_base
 from edgelam.models.lora import attach_lora, load_adapters
-from edgelam.models.split import SplitParts, is_encoder
+from edgelam.models.split import EmbedPart, PooledHeadPart, SplitParts, is_encoder
 from edgelam.tasks.base import Batch, TaskSetup
 from edgelam.tasks.channel import NORMS
 
@@ -102,28 +102,6 @@ class BeamPredictor(nn.Module):
         return self.beam_head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]  # (B, n_beams)
 
 
-class _SplitIn(nn.Module):
-    """Split learning's device-side input module (``BeamPredictor.beam_embed``)."""
-
-    def __init__(self, embed: nn.Module) -> None:
-        super().__init__()
-        self.beam_embed = embed
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.beam_embed(inputs)  # type: ignore[no-any-return]
-
-
-class _PooledHead(nn.Module):
-    """Split learning's device-side head: mean over the tokens, then the beam head (as ``BeamPredictor``)."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.beam_head = head
-
-    def forward(self, hidden: Tensor, inputs: Tensor) -> Tensor:
-        return self.beam_head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]
-
-
 class BeamPrediction:
     name: ClassVar[str] = "beam_prediction"
     generates: ClassVar[bool] = False
@@ -175,7 +153,7 @@ class BeamPrediction:
     def split_parts(self, model: BeamPredictor) -> SplitParts:
         """For split learning: the feature (or past-beam) encoder and the head on the device, the
         backbone's blocks cut between the device and the edge server."""
-        return SplitParts(self.key, self.positions, _SplitIn(model.beam_embed), _PooledHead(model.beam_head))
+        return SplitParts(self.key, self.positions, EmbedPart(model.beam_embed), PooledHeadPart(model.beam_head))
 
     def collate(self, samples: Sequence[BeamSample]) -> Batch:
         return {self.key: torch.stack([s.inputs for s in samples]),

@@ -41,7 +41,7 @@ from edgelam.config import LoraConfig as LoraSettings
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed, fresh_base
 from edgelam.models.lora import attach_lora, load_adapters
-from edgelam.models.split import SplitParts, is_encoder
+from edgelam.models.split import EmbedPart, PooledHeadPart, SplitParts, is_encoder
 from edgelam.sensing.data import SensingSample, build_sensing_data, relative
 from edgelam.sensing.tokens import corrupt, descriptors, encode, patches
 from edgelam.tasks.base import Batch, TaskSetup
@@ -87,28 +87,6 @@ class SensingPredictor(nn.Module):
         tokens = self.sensor_embed(inputs)
         dtype = next(self.backbone.parameters()).dtype
         hidden = self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state
-        return self.sensor_head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]
-
-
-class _SplitIn(nn.Module):
-    """Split learning's device-side input module (``SensingPredictor.sensor_embed``)."""
-
-    def __init__(self, embed: nn.Module) -> None:
-        super().__init__()
-        self.sensor_embed = embed
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.sensor_embed(inputs)  # type: ignore[no-any-return]
-
-
-class _SplitOut(nn.Module):
-    """Split learning's device-side head: mean over the tokens, then the activity head."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.sensor_head = head
-
-    def forward(self, hidden: Tensor, inputs: Tensor) -> Tensor:
         return self.sensor_head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]
 
 
@@ -195,7 +173,7 @@ class ActivityRecognition:
     def split_parts(self, model: SensingPredictor) -> SplitParts:
         """For split learning (2505.03139's decomposition by modality): the sensor tokenizer and
         embedding and the head on the device, the backbone's blocks cut with the edge server."""
-        return SplitParts("inputs", self.positions, _SplitIn(model.sensor_embed), _SplitOut(model.sensor_head))
+        return SplitParts("inputs", self.positions, EmbedPart(model.sensor_embed), PooledHeadPart(model.sensor_head))
 
     def output(self, model: Any, batch: Batch) -> Tensor:
         out: Tensor = model(inputs=batch["inputs"])
