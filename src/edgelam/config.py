@@ -260,7 +260,8 @@ class EvalConfig:
 
 # The task names (tasks/__init__.py TASKS holds the classes; a test keeps the two equal). Config
 # validates against these names and never imports task code.
-TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction", "activity_recognition")
+TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction", "activity_recognition",
+              "multitask_sensing")
 CHANNEL_SOURCES = ("cdl",)  # generated CSI (channels/): task channel_prediction
 BEAM_SOURCES = ("deepmimo",)  # DeepMIMO New York (channels/deepmimo.py): task beam_prediction
 SENSING_SOURCES = ("wifi", "wifi_sim")  # Wi-Fi CSI windows (sensing/): task activity_recognition
@@ -309,6 +310,13 @@ class RunConfig:
             "activity_recognition" if self.data.source in SENSING_SOURCES else "causal_lm"
         if self.task == "auto":
             object.__setattr__(self, "task", fits)
+        if self.task == "multitask_sensing":
+            _require(self.data.source == "wifi_sim", "data.source", "must be wifi_sim for task multitask_sensing "
+                     "(generated windows of each of sensing.tasks)", self.data.source)
+            _require(self.fl.strategy not in SPLIT_STRATEGIES, "fl.strategy", "must be a federated (not split) scheme "
+                     "for task multitask_sensing: per-task heads are aggregated per task by the federated drivers",
+                     self.fl.strategy)
+            fits = "multitask_sensing"
         _require(self.task == fits, "task", f"does not fit data.source '{self.data.source}': classification trains on "
                  f"{list(CLASSIFICATION_SOURCES)}, channel_prediction on {list(CHANNEL_SOURCES)}, beam_prediction on "
                  f"{list(BEAM_SOURCES)}, activity_recognition on {list(SENSING_SOURCES)}, causal_lm on text "
@@ -319,11 +327,11 @@ class RunConfig:
         if self.task == "classification":
             _require(self.model.dtype == "float32", "model.dtype", "must be float32 for task classification (an encoder)",
                      self.model.dtype)
-        if self.task == "activity_recognition":
+        if self.task in ("activity_recognition", "multitask_sensing"):
             allowed = ["by_task", "iid", "dirichlet"] if self.data.source == "wifi" else ["iid"]
             _require(self.data.partition in allowed, "data.partition", f"must be one of {allowed} for data.source "
                      f"{self.data.source} (by_task: client k holds whole recordings)", self.data.partition)
-        if self.task in ("channel_prediction", "beam_prediction", "activity_recognition"):
+        if self.task in ("channel_prediction", "beam_prediction", "activity_recognition", "multitask_sensing"):
             _require(not self.split.embedding_lora, "split.embedding_lora", f"applies to token embeddings; {self.task}'s "
                      "input module is trained in full on the device. Remove it", self.split.embedding_lora)
         if self.task in ("channel_prediction", "beam_prediction"):

@@ -10,6 +10,7 @@ from edgelam.config_checks import one_of as _one_of
 from edgelam.config_checks import require as _require
 
 SIM_CLASSES = ("empty", "walking", "falling", "sitting", "waving")  # sensing/synthetic.py CLASSES
+SENSING_TASKS = ("activity", "respiration")  # task multitask_sensing's heads (tasks/sensing_multi.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class SensingConfig:
     per_class: int = 20
     eval_per_class: int = 20
     snr_db: float = 25.0
+    # task multitask_sensing (data.source wifi_sim): the sensing tasks the clients hold, client k
+    # holding tasks[k % len(tasks)] (activity: the generated activities above; respiration: a still
+    # person breathing at a rate uniform in respiration_bpm, captured at respiration_hz packets/s)
+    tasks: tuple[str, ...] = ("activity", "respiration")
+    respiration_bpm: tuple[float, float] = (8.0, 24.0)
+    respiration_hz: float = 10.0
     # evaluation over a lossy uplink: each token (vq: its code; patch: its whole patch) is lost with
     # this probability (vq: replaced by a random code; patch: zeroed)
     token_error_rate: float = 0.0
@@ -48,6 +55,13 @@ class SensingConfig:
                  f"must list >= 2 distinct generated activities from {list(SIM_CLASSES)}", list(self.classes))
         _require(self.per_class >= 1 and self.eval_per_class >= 1, "sensing.per_class",
                  "per_class and eval_per_class must be >= 1", (self.per_class, self.eval_per_class))
+        _require(len(self.tasks) >= 1 and set(self.tasks) <= set(SENSING_TASKS) and len(set(self.tasks)) == len(self.tasks),
+                 "sensing.tasks", f"must list distinct sensing tasks from {list(SENSING_TASKS)}", list(self.tasks))
+        lo, hi = (tuple(self.respiration_bpm) + (0.0, 0.0))[:2]
+        _require(len(self.respiration_bpm) == 2 and 0 < lo <= hi and hi < 30 * self.respiration_hz,
+                 "sensing.respiration_bpm", f"must be [low, high] breaths per minute with 0 < low <= high < "
+                 f"30 x sensing.respiration_hz ({30 * self.respiration_hz:g}, the Nyquist rate)", list(self.respiration_bpm))
+        _require(self.respiration_hz > 0, "sensing.respiration_hz", "must be > 0 packets per second", self.respiration_hz)
         _require(0.0 <= self.token_error_rate <= 1.0, "sensing.token_error_rate", "must be in [0, 1]",
                  self.token_error_rate)
 

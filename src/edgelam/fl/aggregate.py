@@ -31,6 +31,25 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State
             for k in keys}
 
 
+def fill_unsent(states: Sequence[State], weights: Sequence[float], unsent: Sequence[frozenset[str]]) -> list[State]:
+    """The states with each key a client did not send (``unsent[i]``, e.g. the head of a task it does not
+    hold) replaced by the weighted mean of that key over the clients that did send it, so a reduce
+    of the filled states averages every key over its senders (exactly so for ``weighted_average``)
+    while the key's weight in it stays the senders'; a key nobody sent keeps its (start) values."""
+    _check(states, weights)
+    out = [dict(s) for s in states]
+    for key in set().union(*unsent):
+        senders = [(s, w) for s, w, u in zip(states, weights, unsent) if key not in u]
+        total = float(sum(w for _, w in senders))
+        if not senders or total <= 0:
+            continue
+        mean = sum((w / total) * s[key].double() for s, w in senders).to(states[0][key].dtype)  # type: ignore[union-attr]
+        for s, u in zip(out, unsent):
+            if key in u:
+                s[key] = mean
+    return out
+
+
 def coordinate_median(states: Sequence[State], weights: Sequence[float]) -> State:
     """The element-wise median of the states (Yin et al., ICML 2018, "coordinate-wise median");
     weights are ignored: each update is one vote. With an even count, the mean of the middle two."""

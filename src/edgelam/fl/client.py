@@ -29,6 +29,7 @@ class ClientUpdate:
     tokens: int  # padded tokens processed (what the hardware computed)
     flops: float
     adapter: str = "global"  # the adapter (cluster) it started from
+    unsent: frozenset[str] = frozenset()  # adapter keys not trained, not sent (another task's head)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -69,7 +70,9 @@ def local_train(model: PeftModel, global_state: AdapterState, data: Sequence[Any
         raise ValueError(f"client {client} has no training data; use fewer clients or another data.partition")
     task = task or CausalLM(pad_id)
     set_adapter_state(model, global_state)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # a task may leave some of the adapter untrained by this client's data (a multi-task model's other heads)
+    skip = tuple(getattr(task, "untrained")(data)) if hasattr(task, "untrained") else ()
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not any(f in n for f in skip)]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
     total = num_local_steps(cfg, len(data))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -100,5 +103,7 @@ def local_train(model: PeftModel, global_state: AdapterState, data: Sequence[Any
         sched.step()
         losses.append(step_loss)
     model.eval()
-    return ClientUpdate(client=client, state=get_adapter_state(model), num_samples=len(data),
-                        train_loss=sum(losses) / len(losses), steps=total, tokens=tokens, flops=flops)
+    state = get_adapter_state(model)
+    unsent = frozenset(k for k in state if any(f in k for f in skip))
+    return ClientUpdate(client=client, state={k: v for k, v in state.items() if k not in unsent}, num_samples=len(data),
+                        train_loss=sum(losses) / len(losses), steps=total, tokens=tokens, flops=flops, unsent=unsent)

@@ -15,7 +15,7 @@ import simpy
 
 from edgelam.fl.context import Context
 from edgelam.rundir import RunState
-from edgelam.fl.rounds import Job, start_jobs
+from edgelam.fl.rounds import Job, filled, start_jobs
 from edgelam.fl.strategies.base import GLOBAL, State, get_prefixed, put_prefixed
 from edgelam.models.lora import serialize
 from edgelam.net import channel
@@ -31,6 +31,7 @@ class EdgeUpdate:
     state: State
     num_samples: int
     adapter: str = GLOBAL
+    unsent: frozenset[str] = frozenset()  # keys none of its devices trained (a task none of them holds)
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,11 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
-            model = strategy.reduce([j.update.state for j in trips], [j.update.num_samples for j in trips])
+            model = strategy.reduce([u.state for u in filled([j.update for j in trips])], [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
-        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices))
+        unsent = frozenset.intersection(*[j.update.unsent for j in trips])
+        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices), unsent=unsent)
 
     env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))
     return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now))

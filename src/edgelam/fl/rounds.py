@@ -11,6 +11,7 @@ from typing import Any
 import simpy
 
 from edgelam.config import NetConfig, TrainConfig
+from edgelam.fl.aggregate import fill_unsent
 from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
@@ -69,9 +70,22 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
                                f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
         cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0], plan.flops)
-        upd = dataclasses.replace(res.update, state=to_server(sent, res.start))  # the server sees only what crossed
+        # the server sees only what crossed; what the client did not train (``unsent``) it keeps at the start
+        # value here, and a synchronous round's reduce takes from the clients that sent it (fill_unsent)
+        got_state = to_server(sent, res.start) | {k: res.start[k] for k in res.update.unsent}
+        upd = dataclasses.replace(res.update, state=got_state)
         jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s))
     return jobs
+
+
+def filled(updates: Sequence[Any]) -> list[Any]:
+    """A cohort's updates (``ClientUpdate``, ``EdgeUpdate``) with each key some client did not send taken from those that did
+    (``fl.aggregate.fill_unsent``, weighted by samples): a multi-task model's head is then averaged
+    over the clients holding its task only. The updates themselves when every client sent everything."""
+    if not any(u.unsent for u in updates):
+        return list(updates)
+    states = fill_unsent([u.state for u in updates], [u.num_samples for u in updates], [u.unsent for u in updates])
+    return [dataclasses.replace(u, state=st) for u, st in zip(updates, states)]
 
 
 def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float,

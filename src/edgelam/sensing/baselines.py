@@ -13,6 +13,10 @@ a still room from a moving person. ``fit`` trains either with cross-entropy (Ada
 shuffles), centrally. ``evaluate`` scores any model on a set with ``ActivityRecognition``'s own
 sums and metrics (accuracy, macro-F1 over the activities present), so the numbers compare with
 the LAM's.
+
+``breathing_rate_fft`` is the classical respiration-rate estimator, no training: the strongest
+direction of the window's amplitude variation (its first principal component over time), its
+spectrum (Hann window, zero-padded), the peak inside the breathing band.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -162,3 +167,25 @@ def latency_ms(model: nn.Module, window: Tensor, repeats: int = 20) -> float:
             sync()
             times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def breathing_rate_fft(windows: np.ndarray, rate_hz: float, band_bpm: tuple[float, float] = (6.0, 30.0),
+                       n_fft: int = 4096) -> np.ndarray:
+    """(B, W, F) relative amplitude windows captured at ``rate_hz`` -> (B,) breathing rates, bpm:
+    the spectral peak in ``band_bpm`` of each window's first principal component over time."""
+    x = np.asarray(windows, dtype=np.float64)
+    if x.ndim != 3 or x.shape[1] < 4:
+        raise ValueError(f"expected windows of shape (batch, frames >= 4, features); got {x.shape}")
+    lo, hi = band_bpm
+    if not (0 < lo < hi < 30 * rate_hz):
+        raise ValueError(f"band_bpm must be (low, high) with 0 < low < high < {30 * rate_hz:g} (Nyquist at "
+                         f"{rate_hz:g} Hz); got {band_bpm}")
+    f = np.fft.rfftfreq(max(n_fft, x.shape[1]), 1.0 / rate_hz) * 60.0
+    band = (f >= lo) & (f <= hi)
+    out = np.empty(len(x))
+    for i, w in enumerate(x):
+        w = w - w.mean(axis=0)
+        u, s, _ = np.linalg.svd(w, full_matrices=False)
+        spectrum = np.abs(np.fft.rfft(u[:, 0] * s[0] * np.hanning(len(w)), len(f) * 2 - 2))
+        out[i] = f[band][np.argmax(spectrum[band])]
+    return out

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from edgelam.config import DataConfig
-from edgelam.config_sensing import SensingConfig
+from edgelam.config_sensing import SENSING_TASKS, SensingConfig
 from edgelam.data.build import ClientData, FederatedData
 from edgelam.data.partition import dirichlet, iid
 from edgelam.data.sources import DataError
@@ -43,8 +43,9 @@ HELD_OUT = "held-out"
 @dataclass(frozen=True)
 class SensingSample:
     window: Tensor  # (W, F) float32 amplitudes relative to their mean over the window (``relative``)
-    label: int  # index into the task's classes
-    task: str  # where it came from: a recording's file name, or "sim"
+    label: int  # index into the task's classes (0 for a respiration window)
+    task: str  # where it came from: a recording's file name, "sim"; multitask_sensing: its task
+    value: float = 0.0  # a respiration window's breathing rate, breaths per minute
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,51 @@ def _generated(s: SensingConfig, num_clients: int, seed: int
     return clients, test, tuple(s.classes), (room.n_rx, room.n_tx), desc
 
 
+def _codebook(s: SensingConfig, clients: list[list[SensingSample]], features: int, seed: int) -> Tensor:
+    vecs = [descriptors(patches(torch.stack([x.window for x in c]), s.patch)).reshape(-1, 2 * features).numpy()
+            for c in clients]
+    return federated_codebook(vecs, s.codebook, int(rng_for(seed, Purpose.SENSING_CODEBOOK).integers(2**31)))
+
+
+def build_multitask_data(s: SensingConfig, data: DataConfig, seed: int) -> tuple[FederatedData, SensingShape]:
+    """Generated windows of several sensing tasks (task ``multitask_sensing``): client k holds task
+    ``s.tasks[k % len]`` only; ``activity``: ``per_class`` windows of each generated activity;
+    ``respiration``: as many windows of a still person breathing at a rate uniform in
+    ``respiration_bpm``, captured at ``respiration_hz`` packets/s (the window spans ``window /
+    respiration_hz`` s). One held-out set per task; the ``vq`` codebook is learned over every task."""
+    room = synthetic.RoomConfig(frames=s.window, snr_db=s.snr_db)
+    slow = synthetic.RoomConfig(frames=s.window, snr_db=s.snr_db, packet_rate_hz=s.respiration_hz)
+
+    def features(h: np.ndarray) -> Tensor:
+        return torch.from_numpy(relative(np.abs(h).reshape(len(h), s.window, -1)))
+
+    def draw(task: str, per_class: int, stream: int) -> list[SensingSample]:
+        rng = rng_for(seed, Purpose.SENSING_SIM, stream)
+        if task == "activity":
+            h, y = synthetic.generate_set(room, per_class, rng, s.classes)
+            x = features(h)
+            return [SensingSample(x[i], int(y[i]), task) for i in range(len(x))]
+        h, bpm = synthetic.generate_breathing_set(slow, per_class * len(s.classes), rng, s.respiration_bpm)
+        x = features(h)
+        return [SensingSample(x[i], 0, task, float(bpm[i])) for i in range(len(x))]
+
+    held = data.num_clients
+    if held < len(s.tasks):
+        raise DataError(f"data.num_clients {held} cannot give each of sensing.tasks {list(s.tasks)} a client; "
+                        f"use at least {len(s.tasks)}")
+    clients = [draw(s.tasks[k % len(s.tasks)], s.per_class, k) for k in range(held)]
+    test = {t: draw(t, s.eval_per_class, 10_000 + SENSING_TASKS.index(t)) for t in s.tasks}  # the same with any task list
+    features_n = int(clients[0][0].window.shape[1])
+    book = _codebook(s, clients, features_n, seed) if s.tokenizer == "vq" else None
+    who = "; ".join(f"{t}: clients {[k for k in range(held) if s.tasks[k % len(s.tasks)] == t]}" for t in s.tasks)
+    desc = (f"generated Wi-Fi CSI ({room.carrier_ghz} GHz, {room.n_rx}x{room.n_tx} antennas, SNR {s.snr_db:g} dB), "
+            f"{len(s.tasks)} sensing tasks ({who}); activity {room.packet_rate_hz:g} packets/s, respiration "
+            f"{s.respiration_hz:g} packets/s at {s.respiration_bpm[0]:g}-{s.respiration_bpm[1]:g} bpm"
+            + ("; vq codebook learned federatedly over every task" if book is not None else ""))
+    fed = FederatedData([ClientData(k, c, []) for k, c in enumerate(clients)], test, {}, desc)
+    return fed, SensingShape(tuple(s.classes), s.window, features_n, room.n_rx, room.n_tx, book)
+
+
 def build_sensing_data(s: SensingConfig, data: DataConfig, seed: int) -> tuple[FederatedData, SensingShape]:
     """The clients' windows, the held-out set and (``vq``) the federated codebook."""
     num_clients, partition = data.num_clients, data.partition
@@ -148,9 +194,7 @@ def build_sensing_data(s: SensingConfig, data: DataConfig, seed: int) -> tuple[F
     features = int(test[0].window.shape[1])
     book = None
     if s.tokenizer == "vq":
-        vecs = [descriptors(patches(torch.stack([x.window for x in c]), s.patch)).reshape(-1, 2 * features).numpy()
-                for c in clients]
-        book = federated_codebook(vecs, s.codebook, int(rng_for(seed, Purpose.SENSING_CODEBOOK).integers(2**31)))
+        book = _codebook(s, clients, features, seed)
         desc += f"; vq codebook of {s.codebook} codes learned federatedly"
     fed = FederatedData([ClientData(k, c, []) for k, c in enumerate(clients)], {HELD_OUT: test}, {}, desc)
     return fed, SensingShape(classes, s.window, features, n_rx, n_tx, book)

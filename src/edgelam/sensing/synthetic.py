@@ -42,6 +42,10 @@ the window where it fits, the window inside the motion where it does not):
 * ``sitting``: standing, then over 1.5-2.5 s (smooth, s(u) = (1 - cos pi u) / 2) the chest goes
   down to 0.85 m and 15 cm back, the knees 25 cm forward.
 * ``waving``: standing, one hand 35 cm in front of the chest oscillating 10-20 cm at 1-2 Hz.
+* ``breathing`` (the respiration task, ``generate_breathing_set``; not an activity class): standing
+  still, swaying 1 mm instead of 5, the chest moving 3-8 mm along the facing direction at the
+  given rate (breaths per minute / 60 Hz). Capture it at a lower packet rate (10 packets/s: 100
+  frames are 10 s, several breaths).
 
 Not modelled: shadowing of the line of sight by the body, reflections off the person via walls,
 automatic gain control. At the default 100 Hz packet rate Doppler above 50 Hz (a radial speed
@@ -67,6 +71,7 @@ import numpy as np
 C = 299_792_458.0  # m/s
 SPACING_HZ = 312_500.0  # 802.11n subcarrier spacing
 CLASSES = ("empty", "walking", "falling", "sitting", "waving")
+BREATHING = "breathing"  # a still person breathing at a given rate (the respiration task's windows)
 
 # Intel 5300's reported tones (grouping Ng = 2 at 20 MHz, Ng = 4 at 40 MHz).
 INTEL_TONES_20 = np.r_[np.arange(-28, -1, 2), -1, np.arange(1, 28, 2), 28]
@@ -218,7 +223,7 @@ def _onset(rng: np.random.Generator, duration: float, window: float) -> float:
 
 
 def _body(cfg: RoomConfig, activity: str, rng: np.random.Generator,
-          walk: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+          walk: tuple[np.ndarray, np.ndarray] | None, breath_bpm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions (frames, points, 3), sqrt of each point's RCS (points,)) of the person."""
     t = np.arange(cfg.frames) / cfg.packet_rate_hz
     room = np.asarray(cfg.room_m)
@@ -280,11 +285,14 @@ def _body(cfg: RoomConfig, activity: str, rng: np.random.Generator,
 
     pos = np.stack(points, axis=1)  # (frames, points, 3)
     n = pos.shape[1]
+    still = activity == BREATHING  # a person sitting still for a breathing measurement sways less
     freq = rng.uniform(0.05, 0.7, (n, 3, 3))  # (point, axis, component)
-    amp = rng.normal(0.0, 0.005 / np.sqrt(3), (n, 3, 3))
+    amp = rng.normal(0.0, (0.001 if still else 0.005) / np.sqrt(3), (n, 3, 3))
     sway = amp * np.sin(2 * np.pi * freq * t[:, None, None, None] + rng.uniform(0, 2 * np.pi, (n, 3, 3)))
     pos = pos + sway.sum(axis=-1)
-    breath = 0.003 * np.sin(2 * np.pi * rng.uniform(0.2, 0.4) * t + rng.uniform(0, 2 * np.pi))
+    depth = rng.uniform(0.003, 0.008) if still else 0.003
+    rate = breath_bpm / 60.0 if breath_bpm is not None else rng.uniform(0.2, 0.4)
+    breath = depth * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))
     pos[:, 0] += breath[:, None] * face
     return pos, np.sqrt(np.asarray(rcs))
 
@@ -296,14 +304,23 @@ def _check_rng(rng: np.random.Generator) -> None:
 
 
 def generate_window(cfg: RoomConfig, activity: str, rng: np.random.Generator, *,
-                    walk: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
+                    walk: tuple[Sequence[float], Sequence[float]] | None = None,
+                    breath_bpm: float | None = None) -> np.ndarray:
     """One window of ``activity``: complex64 (frames, subcarriers, n_rx, n_tx).
 
     ``walk`` = (chest start (x, y, z) m, velocity (vx, vy, vz) m/s) fixes a ``walking`` path
-    instead of drawing one (it is still folded back at 0.5 m from the walls).
+    instead of drawing one (it is still folded back at 0.5 m from the walls). ``breathing``
+    (a person standing still, breathing at ``breath_bpm`` breaths per minute) needs
+    ``breath_bpm``; no other activity takes it.
     """
-    if activity not in CLASSES:
-        raise ValueError(f"activity '{activity}' must be one of {list(CLASSES)}")
+    if activity not in (*CLASSES, BREATHING):
+        raise ValueError(f"activity '{activity}' must be one of {[*CLASSES, BREATHING]}")
+    if (activity == BREATHING) != (breath_bpm is not None):
+        raise ValueError(f"breath_bpm is given exactly for activity '{BREATHING}' (activity '{activity}', "
+                         f"breath_bpm {breath_bpm})")
+    if breath_bpm is not None and not (0 < breath_bpm < 30 * cfg.packet_rate_hz and math.isfinite(breath_bpm)):
+        raise ValueError(f"breath_bpm must be in (0, {30 * cfg.packet_rate_hz:g}) (below the Nyquist rate of "
+                         f"{cfg.packet_rate_hz:g} packets/s), got {breath_bpm}")
     _check_rng(rng)
     fixed: tuple[np.ndarray, np.ndarray] | None = None
     if walk is not None:
@@ -321,7 +338,7 @@ def generate_window(cfg: RoomConfig, activity: str, rng: np.random.Generator, *,
     gain = 1.0 / np.sqrt(np.mean(np.abs(static) ** 2))
     h = np.broadcast_to(static * gain, (cfg.frames, *static.shape))
     if activity != "empty":
-        pos, sqrt_rcs = _body(cfg, activity, rng, fixed)
+        pos, sqrt_rcs = _body(cfg, activity, rng, fixed, breath_bpm)
         length, amp = _bistatic(pos, sqrt_rcs, tx, rx, lam)  # (frames, points, rx, tx)
         cycles = (cfg.carrier_ghz * 1e9 / C) * length  # hundreds of cycles: wrapped in float64
         offset = (2 * np.pi / C) * cfg.subcarrier_offsets_hz[:, None, None, None] * length[:, None]
@@ -362,3 +379,22 @@ def generate_set(cfg: RoomConfig, per_class: int, rng: np.random.Generator,
     for i in range(len(windows)):
         windows[i] = generate_window(cfg, classes[i // per_class], rng)
     return windows, np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
+
+
+def generate_breathing_set(cfg: RoomConfig, count: int, rng: np.random.Generator,
+                           bpm: tuple[float, float] = (8.0, 24.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` windows of a still person breathing at a rate uniform in ``bpm`` (breaths per minute).
+
+    Returns (windows complex64 (count, frames, subcarriers, n_rx, n_tx), rates float64 (count,) bpm).
+    """
+    if int(count) != count or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count}")
+    lo, hi = (float(b) for b in bpm)
+    if not 0 < lo <= hi:
+        raise ValueError(f"bpm must be (low, high) with 0 < low <= high, got {bpm}")
+    _check_rng(rng)
+    rates = rng.uniform(lo, hi, int(count))
+    windows = np.empty((int(count), cfg.frames, cfg.subcarriers, cfg.n_rx, cfg.n_tx), dtype=np.complex64)
+    for i, r in enumerate(rates):
+        windows[i] = generate_window(cfg, BREATHING, rng, breath_bpm=float(r))
+    return windows, rates

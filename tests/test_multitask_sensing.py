@@ -1,0 +1,134 @@
+"""Several sensing tasks on one backbone (task multitask_sensing): the breathing generator, per-task
+heads trained and sent by their own clients only and averaged over them, and a tiny federated run
+that learns both tasks and serves both answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simpy
+import torch
+
+from edgelam.config import ConfigError
+from edgelam.config_load import load_config
+from edgelam.fl.aggregate import fill_unsent, weighted_average
+from edgelam.sensing import synthetic
+from edgelam.sensing.baselines import breathing_rate_fft
+from edgelam.sensing.data import relative
+
+SMALL = ["sensing.per_class=6", "sensing.eval_per_class=6", "train.local_steps=4"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_breathing_rate_is_in_the_generated_csi() -> None:
+    """The chest's motion at the drawn rate shows as the dominant frequency of the amplitudes."""
+    cfg = synthetic.RoomConfig(frames=300, packet_rate_hz=10.0, snr_db=float("inf"), phase_noise=False)
+    h, bpm = synthetic.generate_breathing_set(cfg, 6, np.random.default_rng(3), (8.0, 24.0))
+    assert h.shape == (6, 300, 30, 2, 2) and h.dtype == np.complex64 and ((bpm >= 8) & (bpm <= 24)).all()
+    est = breathing_rate_fft(relative(np.abs(h).reshape(6, 300, -1)), 10.0, (6.0, 30.0))
+    np.testing.assert_allclose(est, bpm, atol=1.0)
+    # the estimator by hand: a pure 0.25 Hz sway of one feature's amplitude is 15 bpm
+    t = np.arange(200) / 10.0
+    pure = np.stack([np.sin(2 * np.pi * 0.25 * t), np.zeros(200)], axis=1)[None]
+    assert breathing_rate_fft(pure, 10.0)[0] == pytest.approx(15.0, abs=0.15)
+    with pytest.raises(ValueError, match="breath_bpm is given exactly"):
+        synthetic.generate_window(cfg, "walking", np.random.default_rng(0), breath_bpm=12.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        synthetic.generate_window(cfg, "breathing", np.random.default_rng(0), breath_bpm=400.0)
+
+
+def test_fill_unsent_by_hand() -> None:
+    states = [{"shared": torch.tensor([1.0]), "head": torch.tensor([10.0]), "none": torch.tensor([5.0])},
+              {"shared": torch.tensor([3.0]), "head": torch.tensor([0.0]), "none": torch.tensor([5.0])},
+              {"shared": torch.tensor([5.0]), "head": torch.tensor([20.0]), "none": torch.tensor([5.0])}]
+    weights = [1.0, 2.0, 3.0]
+    unsent = [frozenset({"none"}), frozenset({"head", "none"}), frozenset({"none"})]
+    out = fill_unsent(states, weights, unsent)
+    # client 1 did not send the head: it takes the senders' weighted mean (10 * 1 + 20 * 3) / 4 = 17.5
+    assert float(out[1]["head"]) == 17.5 and float(out[0]["head"]) == 10.0
+    avg = weighted_average(out, weights)
+    assert float(avg["head"]) == pytest.approx(17.5)  # the senders' mean, not diluted by the silent client
+    assert float(avg["shared"]) == pytest.approx((1 + 6 + 15) / 6)
+    assert float(avg["none"]) == 5.0  # nobody sent it: unchanged
+    assert float(states[1]["head"]) == 0.0  # the inputs are not modified
+
+
+def test_each_head_is_trained_sent_and_averaged_by_its_own_clients(repo: Path) -> None:
+    from edgelam.fl.context import population, setup
+    from edgelam.fl.rounds import filled, run_round
+    from edgelam.fl.strategies.base import GLOBAL, get_prefixed
+    from edgelam.fl.transforms import build_chain
+    from edgelam.models.lora import get_adapter_state, serialize
+    from edgelam.rundir import RunState
+
+    cfg = load_config(repo / "configs/tiny_multitask_sensing.yaml", SMALL)
+    ctx = setup(cfg)
+    ctx.chain = build_chain(cfg.fl)
+    start = get_adapter_state(ctx.model)
+    st = RunState(0, 0.0, ctx.strategy.init_state(start, population(ctx)))
+    res = run_round(simpy.Environment(), ctx, st, [0, 1, 2, 3], 1)
+    jobs = {j.client: j for j in res.jobs}
+    act = [k for k in start if ".head_activity." in k]
+    resp = [k for k in start if ".head_respiration." in k]
+    shared = [k for k in start if "lora_A" in k]
+    assert act and resp and shared
+    for k in (0, 2):  # activity clients: their respiration head is neither trained nor sent
+        assert jobs[k].update.unsent == frozenset(resp)
+        assert all(torch.equal(jobs[k].update.state[key], start[key]) for key in resp)
+        assert not all(torch.equal(jobs[k].update.state[key], start[key]) for key in act)
+    full = len(serialize(start))
+    assert all(j.cost.bytes_up < full for j in res.jobs)  # one head fewer on the air
+    new = get_prefixed(ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs]), 1), GLOBAL)
+    for keys, holders in ((act, (0, 2)), (resp, (1, 3)), (shared, (0, 1, 2, 3))):
+        for key in keys:
+            want = sum(jobs[k].update.state[key].double() for k in holders) / len(holders)  # equal sample counts
+            torch.testing.assert_close(new[key].double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_tiny_multitask_run_learns_both_tasks_and_serves_both(tmp_path: Path, repo: Path) -> None:
+    from edgelam.infer.modules import ModuleHost, ModuleSpec
+    from edgelam.lifecycle import run
+    from edgelam.sensing.data import build_multitask_data
+
+    cfg = load_config(repo / "configs/tiny_multitask_sensing.yaml", ["fl.rounds=4", "eval.every=4"])
+    summary = run(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["eval_tasks"], rows[-1]["eval_tasks"]
+    assert set(last) == {"activity", "respiration"}
+    assert last["activity"]["accuracy"] > 0.2 + 0.1  # 5 balanced activities: chance is 0.2
+    assert last["respiration"]["rate_mae_bpm"] < first["respiration"]["rate_mae_bpm"] - 1.0
+    assert "rate_mae_bpm" not in last["activity"] and "accuracy" not in last["respiration"]
+    assert summary["final_eval_rate_mae_bpm"] == rows[-1]["eval_rate_mae_bpm"]
+    card = json.loads((tmp_path / "run" / "adapter" / "edgelam_task.json").read_text())
+    assert card["task"] == "multitask_sensing" and card["tasks"] == ["activity", "respiration"]
+    data, _ = build_multitask_data(cfg.sensing, cfg.data, cfg.seed)
+    held = data.global_eval["respiration"][:8]
+    host = ModuleHost(None, ModuleSpec("full"), {"s": str(tmp_path / "run" / "adapter")})
+    answers = host.predict([((s.window + 1.0) * 2.0).tolist() for s in held], "s")
+    assert all(a["label"] in cfg.sensing.classes and 0 < a["respiration_bpm"] < 60 for a in answers)
+    task = host.task
+    with torch.no_grad(), host.served.use("s"):
+        m = task.metrics(task.eval_sums(host.served.model, task.collate(held)))
+    got = np.mean([abs(a["respiration_bpm"] - s.value) for a, s in zip(answers, held)])
+    assert got == pytest.approx(m["rate_mae_bpm"], abs=2e-3)  # served answers are what the run measures
+
+
+def test_config_errors(repo: Path) -> None:
+    path = repo / "configs/tiny_multitask_sensing.yaml"
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(path, ["data.source=wifi", "data.partition=by_task"])
+    with pytest.raises(ConfigError, match="fl.strategy"):
+        load_config(path, ["fl.strategy=sfl_v2"])
+    with pytest.raises(ConfigError, match="sensing.tasks"):
+        load_config(path, ["sensing.tasks=[activity,heartbeat]"])
+    with pytest.raises(ConfigError, match="sensing.respiration_bpm"):
+        load_config(path, ["sensing.respiration_bpm=[8,400]"])
