@@ -19,8 +19,6 @@ from edgelam.data.sources import DataError
 from edgelam.sensing.wifi import (
     activity_recordings,
     amplitude_features,
-    leave_one_recording_out,
-    normalise_windows,
     parse_name,
     read_intel,
     windows,
@@ -255,31 +253,17 @@ def test_windows_on_a_hand_made_array() -> None:
         windows(x.ravel(), 4, 1)
 
 
-def test_normalise_windows_is_a_per_window_per_feature_z_score() -> None:
-    rng = np.random.default_rng(0)
-    w = rng.normal(3.0, 2.0, size=(5, 50, 4))
-    w[:, :, 3] = 7.0  # a constant feature
-    z = normalise_windows(w)
-    assert z.dtype == np.float32 and z.shape == w.shape
-    np.testing.assert_allclose(z[:, :, :3].mean(axis=1), 0, atol=1e-6)
-    np.testing.assert_allclose(z[:, :, :3].std(axis=1), 1, atol=1e-5)
-    assert np.all(z[:, :, 3] == 0)
-    # each window on its own: gain and offset per window and feature do not matter
-    gain, offset = rng.uniform(0.5, 4, size=(5, 1, 4)), rng.normal(size=(5, 1, 4))
-    np.testing.assert_allclose(normalise_windows(w * gain + offset), z, atol=1e-5)
-    np.testing.assert_allclose(normalise_windows(w[2]), z[2], atol=1e-6)
-
-
 @needs_wifi
 def test_leave_one_recording_out(recordings) -> None:
-    folds = leave_one_recording_out(recordings)
-    assert [held for _, held in folds] == list(range(24))
-    for train, held in folds:
-        assert held not in train and sorted([*train, held]) == list(range(24))
-    seen = leave_one_recording_out(recordings, only_seen_classes=True)
-    assert len(seen) == 23 and all(recordings[h].label != "sleeping" for _, h in seen)  # one sleeping recording
-    with pytest.raises(ValueError):
-        leave_one_recording_out(recordings[:1])
+    """sensing.folds = 24 deals each recording a fold of its own (sensing.data.stratified_folds)."""
+    from edgelam.sensing.data import stratified_folds
+
+    labels = [str(r.label) for r in recordings]
+    fold = stratified_folds(labels, len(recordings), np.random.default_rng(0))
+    assert sorted(fold) == list(range(24))
+    four = stratified_folds(labels, 4, np.random.default_rng(0))
+    for f in range(4):  # stratified: brushing teeth (10 recordings) is in every fold
+        assert "brushteeth" in {lab for lab, g in zip(labels, four) if g == f}
 
 
 # --- (f) truncated, damaged and foreign files ---

@@ -32,6 +32,9 @@ from edgelam.sensing.baselines import CNNClassifier, GRUClassifier, count_parame
 from edgelam.sensing.data import build_sensing_data  # noqa: E402
 from edgelam.sensing.tokens import uplink_bytes  # noqa: E402
 from edgelam.tasks.sensing import ActivityRecognition  # noqa: E402
+from edgelam.net import channel  # noqa: E402
+from edgelam.net.topology import LinkState, expected_link, place_devices  # noqa: E402
+from edgelam.store import Purpose, rng_for  # noqa: E402
 
 CONFIG = "tiny_sensing.yaml"
 LAMS = ("LAM patch tokens", "LAM codes (K = 64)")
@@ -151,15 +154,44 @@ def real_folds(sz: Sizes, tmp: Path, res: Results) -> None:
         baseline_runs(cfg, sz, 0, res, "real")
 
 
+def links(cfg: RunConfig, count: int = 500) -> tuple[LinkState, LinkState, float]:
+    """(the median device's uplink, the 10th-percentile (cell-edge) one, device transmit power W) of
+    ``count`` devices placed as the run places its clients, each sharing the band with the run's
+    clients, without fading (``net.topology.expected_link``)."""
+    topo = place_devices(cfg.net, count, rng_for(cfg.seed, Purpose.PLACEMENT))
+    ls = sorted((expected_link(cfg.net, d, cfg.data.num_clients) for d in topo.devices), key=lambda x: x.up_bps)
+    return ls[count // 2], ls[count // 10], topo.devices[0].tx_power_w
+
+
 def bytes_rows(cfg: RunConfig) -> list[str]:
     s = cfg.sensing
     rows = [("raw CSI (Intel 5300 payload, 2x2)", uplink_bytes("raw", s.window, 2, 2, s.tokens, 64, s.codebook))]
     for d, what in ((64, "tiny"), (576, "SmolLM2")):
-        rows.append((f"embeddings ({s.tokens} x {d} float32, {what})", uplink_bytes("embedding", s.window, 2, 2, s.tokens, d,
-                                                                                 s.codebook)))
+        rows.append((f"embeddings, or split activations ({s.tokens} x {d} float32, {what})",
+                     uplink_bytes("embedding", s.window, 2, 2, s.tokens, d, s.codebook)))
     for k in CODEBOOKS:
         rows.append((f"codes ({s.tokens} of K = {k})", uplink_bytes("tokens", s.window, 2, 2, s.tokens, 64, k)))
-    return ["| representation | bytes per window |", "|---|---|", *[f"| {n} | {b:,} |" for n, b in rows]]
+    mid, edge, power = links(cfg)
+    out = ["| representation | bytes per window | airtime, median device (ms) | energy, median device (mJ) | "
+           "airtime, cell edge (ms) | energy, cell edge (mJ) |", "|---|---|---|---|---|---|"]
+    for n, b in rows:
+        cells = []
+        for link in (mid, edge):
+            t = channel.transfer_time_s(b, link.up_bps)
+            cells += [f"{1e3 * t:.3g}", f"{1e3 * channel.tx_energy_j(power, t):.3g}"]
+        out.append(f"| {n} | {b:,} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    net = cfg.net
+    return out + ["", (f"The modelled link (`net` of `configs/{CONFIG}`): {net.uplink_bandwidth_hz / 1e6:g} MHz uplink shared "
+                       f"by the {cfg.data.num_clients} clients, {net.device_tx_power_dbm[0]:g} dBm, path loss "
+                       f"'{net.path_loss}' with {net.shadowing_db:g} dB shadowing in a {net.cell_radius_m:g} m cell; the "
+                       f"median of 500 placed devices gets {mid.up_bps / 1e6:.1f} Mbit/s, the 10th percentile "
+                       f"{edge.up_bps / 1e6:.2f} Mbit/s. Energy is transmit power x airtime. The airtime is the payload's only: headers, the "
+                       "scheduling grant and a minimum transport block per transmission are not modelled, and for the "
+                       "few bytes of codes they, not the payload, would set the cost (batch many windows' codes per "
+                       "transmission). A window is "
+                       f"{s.window / 100:g} s of CSI: raw CSI at the cell edge takes "
+                       f"{channel.transfer_time_s(rows[0][1], edge.up_bps) / (s.window / 100):.0%} of the device's "
+                       "share of the uplink just to keep up.")]
 
 
 def plots(res: Results, out: Path, cfg: RunConfig) -> None:
@@ -214,7 +246,7 @@ def report(res: Results, sz: Sizes, cfg: RunConfig, wall_s: float) -> list[str]:
         *table(res, "sim", rows, ms, ["model", "accuracy", "macro-F1"], 3), "",
         "Parameters trained and inference time (one window, batch 1, this CPU, median of 20):", "",
         "| model | parameters trained | ms per window |", "|---|---|---|", *cost, "",
-        "### What a window costs on the uplink", "", *bytes_rows(cfg), "",
+        "### What a window costs on the uplink: bytes, airtime and energy", "", *bytes_rows(cfg), "",
         "![accuracy vs bytes](accuracy_vs_bytes.png)", "",
         "### Codebook size (held-out accuracy)", "",
         *table(res, "codebook", ["LAM codes"], [str(k) for k in CODEBOOKS], ["", *[f"K = {k}" for k in CODEBOOKS]], 3), "",

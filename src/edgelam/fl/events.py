@@ -41,6 +41,7 @@ def _pack(jobs: dict[int, Job]) -> tuple[dict[str, Any], dict[str, Any]]:
     for k, j in jobs.items():
         tensors |= put_prefixed(f"{k}.update", j.update.state) | put_prefixed(f"{k}.start", j.start)
         upd = {f.name: getattr(j.update, f.name) for f in dataclasses.fields(j.update) if f.name != "state"}
+        upd["unsent"] = sorted(upd["unsent"])  # JSON
         meta[str(k)] = {"version": j.version, "arrival_s": j.arrival_s, "update": upd, "cost": dataclasses.asdict(j.cost)}
     return tensors, meta
 
@@ -49,7 +50,7 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
     jobs = {}
     for key, m in meta.items():
         k = int(key)
-        upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **m["update"])
+        upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **(m["update"] | {"unsent": frozenset(m["update"]["unsent"])}))
         jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"])
     return jobs
 
@@ -95,7 +96,11 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
         while st.round < rounds:
             job: Job = yield inbox.get()
             staleness = st.round - job.version
-            st.state, changed = strategy.on_arrival(st.state, job.update, job.start, staleness)
+            update, start = job.update, job.start
+            if update.unsent:  # what the client did not train: no change, against the server's state now
+                now = {k: v for k, v in get_prefixed(st.state, update.adapter).items() if k in update.unsent}
+                update, start = dataclasses.replace(update, state=update.state | now), start | now
+            st.state, changed = strategy.on_arrival(st.state, update, start, staleness)
             pending.append((job, staleness))
             if changed:
                 new_version()

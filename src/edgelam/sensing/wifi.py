@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 import struct
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,18 +264,6 @@ def windows(x: np.ndarray, length: int, stride: int) -> np.ndarray:
     return x[starts + np.arange(length)[None, :]] if n else np.empty((0, length, x.shape[1]), x.dtype)
 
 
-def normalise_windows(w: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Per-window, per-feature z-score over time: (w - mean) / std along axis -2 (the frames of a
-    (..., length, features) array), float32; a constant feature (std < eps) becomes 0. Removes each
-    window's gain and offset, keeping only its temporal variation."""
-    w = np.asarray(w, dtype=np.float64)
-    if w.ndim < 2:
-        raise ValueError(f"normalise_windows: expected (..., length, features), got shape {w.shape}")
-    mean = w.mean(axis=-2, keepdims=True)
-    std = w.std(axis=-2, keepdims=True)
-    return np.where(std < eps, 0.0, (w - mean) / np.maximum(std, eps)).astype(np.float32)
-
-
 def activity_recordings(root: str | Path | None = None, *, scaled: bool = True) -> list[Recording]:
     """Every ``intel/activity/**/*.dat`` under ``root`` (default ``$EDGELAM_DATA/wifi_csi/labelled_2020``),
     read and labelled, sorted by path."""
@@ -293,18 +280,3 @@ def activity_recordings(root: str | Path | None = None, *, scaled: bool = True) 
         raise DataError(f"cannot tell the activity of {unlabelled}: name activity files "
                         f"'<activity>_<unix time>.dat' or '<activity>_post_<unix time>.dat'")
     return [read_intel(p, scaled=scaled) for p in paths]
-
-
-def leave_one_recording_out(recordings: Sequence[Recording], *,
-                            only_seen_classes: bool = False) -> list[tuple[list[int], int]]:
-    """Folds (train indices, held-out index), one per recording. With ``only_seen_classes`` a
-    fold is left out when no training recording has the held-out one's label."""
-    if len(recordings) < 2:
-        raise ValueError(f"leave_one_recording_out needs at least 2 recordings, got {len(recordings)}")
-    folds = []
-    for held in range(len(recordings)):
-        train = [i for i in range(len(recordings)) if i != held]
-        if only_seen_classes and all(recordings[i].label != recordings[held].label for i in train):
-            continue
-        folds.append((train, held))
-    return folds
