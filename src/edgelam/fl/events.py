@@ -50,7 +50,8 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
     jobs = {}
     for key, m in meta.items():
         k = int(key)
-        upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **(m["update"] | {"unsent": frozenset(m["update"]["unsent"])}))
+        facts = m["update"] | {"unsent": frozenset(m["update"].get("unsent", ()))}
+        upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **facts)
         jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"])
     return jobs
 
