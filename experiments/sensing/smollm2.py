@@ -37,7 +37,7 @@ def lam_rows(sz: Sizes, tmp: Path, res: dict, smol_steps: int) -> None:
             "SmolLM2-135M, patch tokens": ("smollm2", []),
             "SmolLM2-135M, codes (K = 64)": ("smollm2", ["sensing.tokenizer=vq"])}
     for i, (name, (model, extra)) in enumerate(runs.items()):
-        steps = [f"train.local_steps={smol_steps}", "train.lr=0.003"] if model == "smollm2" else []
+        steps = [f"train.local_steps={smol_steps}"] if model == "smollm2" else []
         folder = tmp / f"run{i}"
         t0 = time.perf_counter()
         cfg, _ = lam_run(CONFIG, overrides(sz, SEED, f"model.name={model}", *extra, *steps), folder)
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, written to /tmp (smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    sz, smol_steps = (QUICK, 1) if args.quick else (FULL, 10)
+    sz, smol_steps = (QUICK, 1) if args.quick else (FULL, FULL.local_steps)
     out = Path(tempfile.gettempdir()) / "sensing_smollm2_quick" if args.quick else HERE
     out.mkdir(parents=True, exist_ok=True)
     t0, res = time.perf_counter(), results()
@@ -78,9 +78,8 @@ def main() -> None:
         f"- Wall time: {(time.perf_counter() - t0) / 60:.1f} min ({wall.rstrip(';')})", f"- Seed: {SEED} (one seed)", "",
         (f"`configs/{CONFIG}` with `model.name=smollm2`: the generated windows of `run.py` (3 clients, "
          f"{sz.per_class} windows per activity each, {sz.eval_per_class} held out per activity), FedAvg, {sz.rounds} "
-         f"rounds; the tiny backbone {sz.local_steps} local steps at lr 0.01, SmolLM2 {smol_steps} local steps at lr "
-         "0.003 (all 30 blocks, LoRA r 4 on q_proj and v_proj; the sensor embedding, the head and the norms trained "
-         "in full). CNN / GRU: trained centrally on the raw windows, as in `run.py`. Inference: one window, batch 1, "
+         f"rounds; the tiny backbone {sz.local_steps} local steps, SmolLM2 {smol_steps}, both at lr 0.01 (SmolLM2: all "
+         "30 blocks, LoRA r 4 on q_proj and v_proj; the sensor embedding, the head and the norms trained in full). CNN / GRU: trained centrally on the raw windows, as in `run.py`. Inference: one window, batch 1, "
          "this CPU, median of 20."), "",
         "| model | accuracy | macro-F1 | parameters trained | ms per window |", "|---|---|---|---|---|",
         *[f"| {r} | {mean(res[('sim', r, 'accuracy')]):.3f} | {mean(res[('sim', r, 'macro_f1')]):.3f} | "
