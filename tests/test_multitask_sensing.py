@@ -77,16 +77,17 @@ def test_each_head_is_trained_sent_and_averaged_by_its_own_clients(repo: Path) -
     st = RunState(0, 0.0, ctx.strategy.init_state(start, population(ctx)))
     res = run_round(simpy.Environment(), ctx, st, [0, 1, 2, 3], 1)
     jobs = {j.client: j for j in res.jobs}
-    act = [k for k in start if ".head_activity." in k]
-    resp = [k for k in start if ".head_respiration." in k]
+    act = [k for k in start if ".head_activity." in k or ".embed_activity." in k]  # each task's head and encoder
+    resp = [k for k in start if ".head_respiration." in k or ".embed_respiration." in k]
     shared = [k for k in start if "lora_A" in k]
     assert act and resp and shared
-    for k in (0, 2):  # activity clients: their respiration head is neither trained nor sent
+    assert any(".embed_respiration." in k for k in resp) and any(".head_respiration." in k for k in resp)
+    for k in (0, 2):  # activity clients: the respiration head and encoder are neither trained nor sent
         assert jobs[k].update.unsent == frozenset(resp)
         assert all(torch.equal(jobs[k].update.state[key], start[key]) for key in resp)
         assert not all(torch.equal(jobs[k].update.state[key], start[key]) for key in act)
     full = len(serialize(start))
-    assert all(j.cost.bytes_up < full for j in res.jobs)  # one head fewer on the air
+    assert all(j.cost.bytes_up < full for j in res.jobs)  # another task's head and encoder stay off the air
     new = get_prefixed(ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs]), 1), GLOBAL)
     for keys, holders in ((act, (0, 2)), (resp, (1, 3)), (shared, (0, 1, 2, 3))):
         for key in keys:
@@ -109,7 +110,7 @@ def test_tiny_multitask_run_learns_both_tasks_and_serves_both(tmp_path: Path, re
     assert "rate_mae_bpm" not in last["activity"] and "accuracy" not in last["respiration"]
     assert summary["final_eval_rate_mae_bpm"] == rows[-1]["eval_rate_mae_bpm"]
     card = json.loads((tmp_path / "run" / "adapter" / "edgelam_task.json").read_text())
-    assert card["task"] == "multitask_sensing" and card["tasks"] == ["activity", "respiration"]
+    assert card["task"] == "multitask_sensing" and card["tasks"] == ["activity", "respiration"] and card["task_embeddings"]
     data, _ = build_multitask_data(cfg.sensing, cfg.data, cfg.seed)
     held = data.global_eval["respiration"][:8]
     host = ModuleHost(None, ModuleSpec("full"), {"s": str(tmp_path / "run" / "adapter")})
@@ -117,7 +118,7 @@ def test_tiny_multitask_run_learns_both_tasks_and_serves_both(tmp_path: Path, re
     assert all(a["label"] in cfg.sensing.classes and 0 < a["respiration_bpm"] < 60 for a in answers)
     task = host.task
     with torch.no_grad(), host.served.use("s"):
-        m = task.metrics(task.eval_sums(host.served.model, task.collate(held)))
+        m = task.metrics(task.eval_sums(host.served.model, task.collate(held)))  # with the windows' task ids
     got = np.mean([abs(a["respiration_bpm"] - s.value) for a, s in zip(answers, held)])
     assert got == pytest.approx(m["rate_mae_bpm"], abs=2e-3)  # served answers are what the run measures
 
@@ -144,3 +145,17 @@ def test_multitask_runs_on_the_async_and_hierarchical_drivers(tmp_path: Path, re
                                                                       *extra])
     summary = run(cfg, tmp_path / "run")
     assert np.isfinite(summary["final_eval_rate_mae_bpm"]) and np.isfinite(summary["final_eval_accuracy"])
+
+
+def test_shared_sensor_embedding_is_sent_by_everyone(repo: Path) -> None:
+    """sensing.task_embeddings: false -- one encoder for all tasks: only the other head stays home."""
+    from edgelam.sensing.data import build_multitask_data
+    from edgelam.tasks.sensing_multi import MultiTaskSensing
+
+    cfg = load_config(repo / "configs/tiny_multitask_sensing.yaml", [*SMALL, "sensing.task_embeddings=false"])
+    data, shape = build_multitask_data(cfg.sensing, cfg.data, cfg.seed)
+    shared = MultiTaskSensing(cfg.sensing.tasks, shape.classes, shape.window, shape.features, cfg.sensing.patch,
+                              "patch", task_embeddings=False)
+    own = MultiTaskSensing(cfg.sensing.tasks, shape.classes, shape.window, shape.features, cfg.sensing.patch, "patch")
+    assert shared.untrained(data.clients[0].train) == (".head_respiration.",)
+    assert set(own.untrained(data.clients[1].train)) == {".head_activity.", ".embed_activity."}

@@ -38,6 +38,9 @@ class SensingConfig:
     tasks: tuple[str, ...] = ("activity", "respiration")
     respiration_bpm: tuple[float, float] = (8.0, 24.0)
     respiration_hz: float = 10.0
+    # multitask_sensing: each task its own sensor embedding (the modality's encoder, trained and sent by
+    # that task's clients, like its head) or one shared by all tasks
+    task_embeddings: bool = True
     # evaluation over a lossy uplink: each token (vq: its code; patch: its whole patch) is lost with
     # this probability (vq: replaced by a random code; patch: zeroed)
     token_error_rate: float = 0.0

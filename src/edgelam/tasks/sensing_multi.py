@@ -6,7 +6,9 @@ client trains and sends the shared part (LoRA on the backbone, the sensor embedd
 and its own task's head only: ``untrained`` names the other heads, which ``fl.client.local_train``
 neither trains nor uploads, and the server averages each head over the clients that sent it
 (``fl.aggregate.fill_unsent``), so a head is FedAvg over its task's clients while the backbone is
-FedAvg over everyone.
+FedAvg over everyone. With ``sensing.task_embeddings`` (the default) the sensor embedding is per
+task too (``embed_<task>``: each sensing modality its own encoder on its devices, the LAM core
+shared, 2505.03139's decomposition by modality); off, one embedding is shared by every task.
 
 Tokens are those of ``activity_recognition`` (``tasks/sensing.py``: patch summaries or codebook
 codes). The heads read the mean-pooled last hidden state: ``activity`` scores the generated
@@ -19,7 +21,7 @@ window's loss is its own task's. Evaluation reports each task on its own held-ou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -32,9 +34,9 @@ from edgelam.models.load import base_seed
 from edgelam.sensing.data import SensingSample, build_multitask_data
 from edgelam.tasks.base import Batch, TaskSetup
 from edgelam.tasks.channel import NORMS
-from edgelam.tasks.sensing import EMBED, HEAD, ActivityRecognition, SensingPredictor, SensorEmbed, codebook_from_card
+from edgelam.tasks.sensing import EMBED, HEAD, ActivityRecognition, SensorEmbed, codebook_from_card
 
-__all__ = ["MultiHead", "MultiTaskSensing"]
+__all__ = ["MultiEmbed", "MultiHead", "MultiSensingPredictor", "MultiTaskSensing"]
 TASK_ORDER = ("activity", "respiration")
 
 
@@ -52,13 +54,73 @@ class MultiHead(nn.Module):
         return torch.cat([getattr(self, f"head_{t}")(pooled) for t in self.tasks], dim=-1)
 
 
+class MultiEmbed(nn.Module):
+    """One ``SensorEmbed`` per task (``embed_<task>``): each window through its own task's."""
+
+    def __init__(self, tasks: Sequence[str], make: Callable[[], SensorEmbed]) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        for t in self.tasks:
+            setattr(self, f"embed_{t}", make())
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        parts = {i: getattr(self, f"embed_{t}") for i, t in enumerate(TASK_ORDER) if t in self.tasks}
+        out: Tensor | None = None
+        for i, embed in parts.items():
+            rows = task_ids == i
+            if bool(rows.any()):
+                got = embed(x[rows])
+                out = got.new_zeros((x.shape[0], *got.shape[1:])) if out is None else out
+                out[rows] = got
+        if out is None:
+            raise ValueError(f"no window of a task of this model ({list(self.tasks)})")
+        return out
+
+
+class MultiSensingPredictor(nn.Module):
+    """Tokens (and each window's task) -> every head's output side by side (B, C + 1). Without task
+    ids (serving: the task of a window is not known) each task's embedding reads every window and
+    each head answers from its own task's pass."""
+
+    def __init__(self, backbone: nn.Module, embed: nn.Module, head: MultiHead, tasks: Sequence[str],
+                 n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.sensor_embed = embed
+        self.sensor_head = head
+        self.config = getattr(backbone, "config")  # read by models.flops.flop_model
+        self.tasks, self.n_classes = tuple(tasks), n_classes
+        self.per_task = isinstance(embed, MultiEmbed)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _pooled(self, inputs: Tensor, task_ids: Tensor) -> Tensor:
+        tokens = self.sensor_embed(inputs, task_ids) if self.per_task else self.sensor_embed(inputs)
+        dtype = next(self.backbone.parameters()).dtype
+        return self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state.float().mean(dim=1)  # type: ignore[no-any-return]
+
+    def forward(self, inputs: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        if task_ids is not None or not self.per_task:
+            ids = task_ids if task_ids is not None else torch.zeros(inputs.shape[0], dtype=torch.long,
+                                                                    device=inputs.device)
+            return self.sensor_head(self._pooled(inputs, ids))  # type: ignore[no-any-return]
+        cols = []
+        for t in self.tasks:
+            ids = torch.full((inputs.shape[0],), TASK_ORDER.index(t), dtype=torch.long, device=inputs.device)
+            out = self.sensor_head(self._pooled(inputs, ids))
+            cols.append(out[:, : self.n_classes] if t == "activity" else out[:, self.n_classes:])
+        return torch.cat(cols, dim=-1)
+
+
 class MultiTaskSensing(ActivityRecognition):
     name: ClassVar[str] = "multitask_sensing"
     generates: ClassVar[bool] = False
 
     def __init__(self, tasks: Sequence[str], classes: Sequence[str], window: int, features: int, patch: int,
                  tokenizer: str, codebook: Tensor | None = None, respiration_bpm: tuple[float, float] = (8.0, 24.0),
-                 token_error_rate: float = 0.0) -> None:
+                 token_error_rate: float = 0.0, task_embeddings: bool = True) -> None:
         super().__init__(classes, window, features, patch, tokenizer, codebook, token_error_rate)
         unknown = [t for t in tasks if t not in TASK_ORDER]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
@@ -66,6 +128,7 @@ class MultiTaskSensing(ActivityRecognition):
         self.tasks = tuple(t for t in TASK_ORDER if t in tasks)  # the heads' order in the output
         self.respiration_bpm = (float(respiration_bpm[0]), float(respiration_bpm[1]))
         self.n_classes = len(self.classes) if "activity" in self.tasks else 0
+        self.task_embeddings = task_embeddings
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
@@ -73,7 +136,7 @@ class MultiTaskSensing(ActivityRecognition):
         base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed))
         s = cfg.sensing
         task = cls(s.tasks, shape.classes, shape.window, shape.features, s.patch, s.tokenizer, shape.codebook,
-                   s.respiration_bpm, s.token_error_rate)
+                   s.respiration_bpm, s.token_error_rate, s.task_embeddings)
         return TaskSetup(task, base, tok, data)
 
     @classmethod
@@ -82,19 +145,24 @@ class MultiTaskSensing(ActivityRecognition):
             book = codebook_from_card(card) if card.get("tokenizer") == "vq" else None
             lo, hi = card["respiration_bpm"]
             return cls([str(t) for t in card["tasks"]], [str(c) for c in card["classes"]], int(card["window"]),
-                       int(card["features"]), int(card["patch"]), str(card["tokenizer"]), book, (float(lo), float(hi)))
+                       int(card["features"]), int(card["patch"]), str(card["tokenizer"]), book, (float(lo), float(hi)),
+                       task_embeddings=bool(card["task_embeddings"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"a multitask_sensing card needs tasks, classes, window, features, patch, tokenizer, "
-                             f"respiration_bpm (and the codebook for 'vq') ({exc})") from None
+                             f"respiration_bpm, task_embeddings (and the codebook for 'vq') ({exc})") from None
 
-    def predictor(self, backbone: nn.Module, seed: int) -> SensingPredictor:
+    def predictor(self, backbone: nn.Module, seed: int) -> MultiSensingPredictor:  # type: ignore[override]
         d = int(getattr(backbone, "config").hidden_size)
+
+        def make() -> SensorEmbed:
+            return SensorEmbed(self.positions, d, 2 * self.features if self.codebook is None else None,
+                               None if self.codebook is None else int(self.codebook.shape[0]))
+
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            embed = SensorEmbed(self.positions, d, 2 * self.features if self.codebook is None else None,
-                                None if self.codebook is None else int(self.codebook.shape[0]))
+            embed: nn.Module = MultiEmbed(self.tasks, make) if self.task_embeddings else make()
             head = MultiHead(d, self.tasks, len(self.classes))
-        return SensingPredictor(backbone, embed, head)  # type: ignore[arg-type]
+        return MultiSensingPredictor(backbone, embed, head, self.tasks, self.n_classes)
 
     def wrap(self, base: nn.Module, lora: LoraSettings, seed: int) -> Any:
         return attach_lora(self.predictor(base, seed), lora, seed=seed, task_type=None,
@@ -104,7 +172,8 @@ class MultiTaskSensing(ActivityRecognition):
         """Name fragments of the parameters a client holding ``samples`` neither trains nor sends: the
         heads of the tasks it does not hold."""
         held = {s.task for s in samples}
-        return tuple(f".head_{t}." for t in self.tasks if t not in held)
+        kinds = ("head", "embed") if self.task_embeddings else ("head",)
+        return tuple(f".{kind}_{t}." for t in self.tasks if t not in held for kind in kinds)
 
     # --- targets ---
 
@@ -124,6 +193,10 @@ class MultiTaskSensing(ActivityRecognition):
                 "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
                 "rates": self._normalise(torch.tensor([s.value for s in samples], dtype=torch.float32)),
                 "task_ids": torch.tensor([TASK_ORDER.index(s.task) for s in samples], dtype=torch.long)}
+
+    def output(self, model: Any, batch: Batch) -> Tensor:
+        out: Tensor = model(inputs=batch["inputs"], task_ids=batch.get("task_ids"))
+        return out
 
     def _losses(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """(per-window loss, activity rows, respiration rows)."""
@@ -177,7 +250,8 @@ class MultiTaskSensing(ActivityRecognition):
     # --- serving ---
 
     def card(self) -> dict[str, Any]:
-        return super().card() | {"tasks": list(self.tasks), "respiration_bpm": list(self.respiration_bpm)}
+        return super().card() | {"tasks": list(self.tasks), "respiration_bpm": list(self.respiration_bpm),
+                                 "task_embeddings": self.task_embeddings}
 
     def predict(self, output: Tensor) -> dict[str, Tensor]:
         """activity: every class's probability (B, C) and the most likely (B,); respiration: the rate (B,) bpm."""
