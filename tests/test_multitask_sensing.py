@@ -135,9 +135,10 @@ def test_config_errors(repo: Path) -> None:
         load_config(path, ["sensing.respiration_bpm=[8,400]"])
 
 
-@pytest.mark.parametrize("strategy", ["fedasync", "fedbuff", "hierfavg"])
+@pytest.mark.parametrize("strategy", ["fedasync", "fedbuff", "hierfavg", "ifca"])
 def test_multitask_runs_on_the_async_and_hierarchical_drivers(tmp_path: Path, repo: Path, strategy: str) -> None:
-    """Partial updates pass the event clock (checkpointed in flight) and the edge tier; heads stay finite."""
+    """Partial updates pass the event clock (checkpointed in flight), the edge tier and clusters (filled per
+    cluster); every head stays finite."""
     from edgelam.lifecycle import run
 
     extra = ["fl.hier.kappa1=2", "fl.hier.kappa2=1"] if strategy == "hierfavg" else ["train.local_steps=2"]

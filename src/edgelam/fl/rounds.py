@@ -79,13 +79,21 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
 
 
 def filled(updates: Sequence[Any]) -> list[Any]:
-    """A cohort's updates (``ClientUpdate``, ``EdgeUpdate``) with each key some client did not send taken from those that did
-    (``fl.aggregate.fill_unsent``, weighted by samples): a multi-task model's head is then averaged
-    over the clients holding its task only. The updates themselves when every client sent everything."""
+    """A cohort's updates (``ClientUpdate``, ``EdgeUpdate``) with each key some client did not send
+    (``unsent``) taken from those that did (``fl.aggregate.fill_unsent``, weighted by samples) among
+    the updates that started from the same adapter (a cluster's members), so a multi-task model's
+    head is averaged over the clients holding its task only; a key no one in the group sent keeps
+    the value the group started from. The updates themselves when every client sent everything."""
     if not any(u.unsent for u in updates):
         return list(updates)
-    states = fill_unsent([u.state for u in updates], [u.num_samples for u in updates], [u.unsent for u in updates])
-    return [dataclasses.replace(u, state=st) for u, st in zip(updates, states)]
+    out = list(updates)
+    for name in {u.adapter for u in updates}:
+        idx = [i for i, u in enumerate(updates) if u.adapter == name]
+        group = [updates[i] for i in idx]
+        states = fill_unsent([u.state for u in group], [u.num_samples for u in group], [u.unsent for u in group])
+        for i, st in zip(idx, states):
+            out[i] = dataclasses.replace(updates[i], state=st)
+    return out
 
 
 def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float,
