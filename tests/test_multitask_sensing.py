@@ -14,7 +14,7 @@ import torch
 
 from edgelam.config import ConfigError
 from edgelam.config_load import load_config
-from edgelam.fl.aggregate import fill_unsent, weighted_average
+from edgelam.fl.aggregate import coordinate_median, fill_unsent, weighted_average
 from edgelam.sensing import synthetic
 from edgelam.sensing.baselines import breathing_rate_fft
 from edgelam.sensing.data import relative
@@ -53,13 +53,23 @@ def test_fill_unsent_by_hand() -> None:
     weights = [1.0, 2.0, 3.0]
     unsent = [frozenset({"none"}), frozenset({"head", "none"}), frozenset({"none"})]
     out = fill_unsent(states, weights, unsent)
-    # client 1 did not send the head: it takes the senders' weighted mean (10 * 1 + 20 * 3) / 4 = 17.5
-    assert float(out[1]["head"]) == 17.5 and float(out[0]["head"]) == 10.0
+    # client 1 did not send the head: every state holds the senders' mean (10 * 1 + 20 * 3) / 4 = 17.5
+    assert [float(s["head"]) for s in out] == [17.5, 17.5, 17.5]
     avg = weighted_average(out, weights)
     assert float(avg["head"]) == pytest.approx(17.5)  # the senders' mean, not diluted by the silent client
     assert float(avg["shared"]) == pytest.approx((1 + 6 + 15) / 6)
     assert float(avg["none"]) == 5.0  # nobody sent it: unchanged
     assert float(states[1]["head"]) == 0.0  # the inputs are not modified
+    # a robust reducer: the median over the senders (1, 1.1, 100), not pulled by copies of their mean
+    many = [{"h": torch.tensor([v])} for v in (1.0, 1.1, 100.0, 0.0, 0.0, 0.0)]
+    silent = [frozenset()] * 3 + [frozenset({"h"})] * 3
+    got = coordinate_median(fill_unsent(many, [1.0] * 6, silent, coordinate_median), [1.0] * 6)
+    assert float(got["h"]) == pytest.approx(1.1)
+    # per-key weights (an edge server: the samples of its devices that sent the key)
+    edges = [{"h": torch.tensor([2.0])}, {"h": torch.tensor([8.0])}, {"h": torch.tensor([0.0])}]
+    got = fill_unsent(edges, [10.0, 10.0, 5.0], [frozenset(), frozenset(), frozenset({"h"})],
+                      key_weights=[{"h": 1.0}, {"h": 3.0}, {}])
+    assert float(got[2]["h"]) == pytest.approx((2 * 1 + 8 * 3) / 4)
 
 
 def test_each_head_is_trained_sent_and_averaged_by_its_own_clients(repo: Path) -> None:
@@ -88,7 +98,7 @@ def test_each_head_is_trained_sent_and_averaged_by_its_own_clients(repo: Path) -
         assert not all(torch.equal(jobs[k].update.state[key], start[key]) for key in act)
     full = len(serialize(start))
     assert all(j.cost.bytes_up < full for j in res.jobs)  # another task's head and encoder stay off the air
-    new = get_prefixed(ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs]), 1), GLOBAL)
+    new = get_prefixed(ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs], ctx.strategy.reduce), 1), GLOBAL)
     for keys, holders in ((act, (0, 2)), (resp, (1, 3)), (shared, (0, 1, 2, 3))):
         for key in keys:
             want = sum(jobs[k].update.state[key].double() for k in holders) / len(holders)  # equal sample counts
@@ -133,6 +143,12 @@ def test_config_errors(repo: Path) -> None:
         load_config(path, ["sensing.tasks=[activity,heartbeat]"])
     with pytest.raises(ConfigError, match="sensing.respiration_bpm"):
         load_config(path, ["sensing.respiration_bpm=[8,400]"])
+    with pytest.raises(ConfigError, match="sensing.respiration_bpm"):
+        load_config(path, ["sensing.respiration_bpm=[12,12]"])  # nothing to regress
+    with pytest.raises(ConfigError, match="data.num_clients"):
+        load_config(path, ["data.num_clients=1"])
+    with pytest.raises(ConfigError, match="applies to task multitask_sensing only"):
+        load_config(repo / "configs/tiny_sensing.yaml", ["sensing.tasks=[respiration]"])
 
 
 @pytest.mark.parametrize("strategy", ["fedasync", "fedbuff", "hierfavg", "ifca"])

@@ -310,7 +310,15 @@ class RunConfig:
             "activity_recognition" if self.data.source in SENSING_SOURCES else "causal_lm"
         if self.task == "auto":
             object.__setattr__(self, "task", fits)
+        if self.task != "multitask_sensing":
+            plain = SensingConfig()
+            for key in ("tasks", "respiration_bpm", "respiration_hz", "task_embeddings"):
+                _require(getattr(self.sensing, key) == getattr(plain, key), f"sensing.{key}", "applies to task "
+                         f"multitask_sensing only (this run's task is {self.task}); remove it", getattr(self.sensing, key))
         if self.task == "multitask_sensing":
+            _require(self.data.num_clients >= len(self.sensing.tasks), "data.num_clients", f"must give each of "
+                     f"sensing.tasks {list(self.sensing.tasks)} a client (client k holds tasks[k % {len(self.sensing.tasks)}])",
+                     self.data.num_clients)
             _require(self.data.source == "wifi_sim", "data.source", "must be wifi_sim for task multitask_sensing "
                      "(generated windows of each of sensing.tasks)", self.data.source)
             _require(self.fl.strategy not in SPLIT_STRATEGIES, "fl.strategy", "must be a federated (not split) scheme "

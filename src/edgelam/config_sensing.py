@@ -4,6 +4,7 @@ activity_recognition``; ``sensing/``, ``tasks/sensing.py``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgelam.config_checks import one_of as _one_of
@@ -60,11 +61,12 @@ class SensingConfig:
                  "per_class and eval_per_class must be >= 1", (self.per_class, self.eval_per_class))
         _require(len(self.tasks) >= 1 and set(self.tasks) <= set(SENSING_TASKS) and len(set(self.tasks)) == len(self.tasks),
                  "sensing.tasks", f"must list distinct sensing tasks from {list(SENSING_TASKS)}", list(self.tasks))
+        _require(0 < self.respiration_hz < math.inf, "sensing.respiration_hz", "must be a finite rate > 0 packets per "
+                 "second", self.respiration_hz)
         lo, hi = (tuple(self.respiration_bpm) + (0.0, 0.0))[:2]
-        _require(len(self.respiration_bpm) == 2 and 0 < lo <= hi and hi < 30 * self.respiration_hz,
-                 "sensing.respiration_bpm", f"must be [low, high] breaths per minute with 0 < low <= high < "
+        _require(len(self.respiration_bpm) == 2 and 0 < lo < hi < 30 * self.respiration_hz,
+                 "sensing.respiration_bpm", f"must be [low, high] breaths per minute with 0 < low < high < "
                  f"30 x sensing.respiration_hz ({30 * self.respiration_hz:g}, the Nyquist rate)", list(self.respiration_bpm))
-        _require(self.respiration_hz > 0, "sensing.respiration_hz", "must be > 0 packets per second", self.respiration_hz)
         _require(0.0 <= self.token_error_rate <= 1.0, "sensing.token_error_rate", "must be in [0, 1]",
                  self.token_error_rate)
 

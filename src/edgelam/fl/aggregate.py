@@ -31,22 +31,26 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State
             for k in keys}
 
 
-def fill_unsent(states: Sequence[State], weights: Sequence[float], unsent: Sequence[frozenset[str]]) -> list[State]:
-    """The states with each key a client did not send (``unsent[i]``, e.g. the head of a task it does not
-    hold) replaced by the weighted mean of that key over the clients that did send it, so a reduce
-    of the filled states averages every key over its senders (exactly so for ``weighted_average``)
-    while the key's weight in it stays the senders'; a key nobody sent keeps its (start) values."""
-    _check(states, weights)
+def fill_unsent(states: Sequence[State], weights: Sequence[float],
+                unsent: Sequence[frozenset[str]], reduce: Reduce = weighted_average,
+                key_weights: Sequence[dict[str, float]] | None = None) -> list[State]:
+    """The states with every key that some client did not send (``unsent[i]``: e.g. the head of a
+    task it does not hold) set, in every state, to ``reduce`` over the states that did send it,
+    with the senders' weights (``key_weights[i][key]`` where given, else ``weights[i]``). Any
+    reducer of the filled states then gives exactly that for the key (all its values are equal),
+    so it is averaged (or its median taken) over its senders only and never diluted by the silent
+    clients; keys everyone sent are untouched; a key nobody sent keeps its (start) values."""
+    w = [float(x) for x in weights]
+    _check(states, w)
     out = [dict(s) for s in states]
     for key in set().union(*unsent):
-        senders = [(s, w) for s, w, u in zip(states, weights, unsent) if key not in u]
-        total = float(sum(w for _, w in senders))
-        if not senders or total <= 0:
+        sent = [i for i, u in enumerate(unsent) if key not in u]
+        ws = [key_weights[i].get(key, w[i]) if key_weights else w[i] for i in sent]
+        if not sent or sum(ws) <= 0:
             continue
-        mean = sum((w / total) * s[key].double() for s, w in senders).to(states[0][key].dtype)  # type: ignore[union-attr]
-        for s, u in zip(out, unsent):
-            if key in u:
-                s[key] = mean
+        value = reduce([{key: states[i][key]} for i in sent], ws)[key]
+        for s in out:
+            s[key] = value
     return out
 
 

@@ -43,7 +43,7 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         env = simpy.Environment(initial_time=st.sim_time_s)
         selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, r))
         res = run_round(env, ctx, st, selected, r)
-        new_state = ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs]), r) if res.jobs else st.state
+        new_state = ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs], ctx.strategy.reduce), r) if res.jobs else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
         backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
         row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0))
@@ -58,7 +58,7 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         env = simpy.Environment(initial_time=st.sim_time_s)
         selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, r))
         hres = run_hier_round(env, ctx, st, selected, r)
-        new_state = ctx.strategy.aggregate(st.state, filled(hres.edge_updates), r)
+        new_state = ctx.strategy.aggregate(st.state, filled(hres.edge_updates, ctx.strategy.reduce), r)
         row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
         st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
         commit(row)

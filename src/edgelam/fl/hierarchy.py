@@ -9,7 +9,7 @@ reaches the cloud, which averages the edge models weighted by their samples.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
@@ -32,6 +32,7 @@ class EdgeUpdate:
     num_samples: int
     adapter: str = GLOBAL
     unsent: frozenset[str] = frozenset()  # keys none of its devices trained (a task none of them holds)
+    key_samples: dict[str, int] = field(default_factory=dict)  # keys some devices did not send: the senders' samples
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,16 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
-            model = strategy.reduce([u.state for u in filled([j.update for j in trips])], [j.update.num_samples for j in trips])
+            model = strategy.reduce([u.state for u in filled([j.update for j in trips], strategy.reduce)],
+                                    [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
         unsent = frozenset.intersection(*[j.update.unsent for j in trips])
-        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices), unsent=unsent)
+        partial = frozenset.union(*[j.update.unsent for j in trips])
+        key_samples = {key: sum(len(ctx.data.clients[j.client].train) for j in trips if key not in j.update.unsent)
+                       for key in partial}
+        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices), unsent=unsent,
+                                     key_samples=key_samples)
 
     env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))
     return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now))

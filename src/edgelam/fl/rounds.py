@@ -11,7 +11,7 @@ from typing import Any
 import simpy
 
 from edgelam.config import NetConfig, TrainConfig
-from edgelam.fl.aggregate import fill_unsent
+from edgelam.fl.aggregate import Reduce, fill_unsent
 from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
@@ -78,19 +78,21 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     return jobs
 
 
-def filled(updates: Sequence[Any]) -> list[Any]:
-    """A cohort's updates (``ClientUpdate``, ``EdgeUpdate``) with each key some client did not send
-    (``unsent``) taken from those that did (``fl.aggregate.fill_unsent``, weighted by samples) among
-    the updates that started from the same adapter (a cluster's members), so a multi-task model's
-    head is averaged over the clients holding its task only; a key no one in the group sent keeps
-    the value the group started from. The updates themselves when every client sent everything."""
+def filled(updates: Sequence[Any], reduce: Reduce) -> list[Any]:
+    """A cohort's updates (``ClientUpdate``, ``EdgeUpdate``) with each key some of them did not send
+    (``unsent``) set to ``reduce`` over those that did (``fl.aggregate.fill_unsent``), among the
+    updates that started from the same adapter (a cluster's members): a multi-task model's head is
+    averaged over the clients holding its task only, an edge weighing in with the samples of its
+    devices that sent the key (``EdgeUpdate.key_samples``). A key no one in the group sent keeps the
+    value the group started from. The updates themselves when every client sent everything."""
     if not any(u.unsent for u in updates):
         return list(updates)
     out = list(updates)
     for name in {u.adapter for u in updates}:
         idx = [i for i, u in enumerate(updates) if u.adapter == name]
         group = [updates[i] for i in idx]
-        states = fill_unsent([u.state for u in group], [u.num_samples for u in group], [u.unsent for u in group])
+        states = fill_unsent([u.state for u in group], [u.num_samples for u in group], [u.unsent for u in group],
+                             reduce, [getattr(u, "key_samples", {}) for u in group])
         for i, st in zip(idx, states):
             out[i] = dataclasses.replace(updates[i], state=st)
     return out
