@@ -31,8 +31,12 @@ class EdgeUpdate:
     state: State
     num_samples: int
     adapter: str = GLOBAL
-    unsent: frozenset[str] = frozenset()  # keys none of its devices trained (a task none of them holds)
     key_samples: dict[str, int] = field(default_factory=dict)  # keys some devices did not send: the senders' samples
+
+    @property
+    def unsent(self) -> frozenset[str]:
+        """Keys none of its devices trained (a task none of them holds)."""
+        return frozenset(k for k, n in self.key_samples.items() if n == 0)
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,9 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
                                     [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
-        unsent = frozenset.intersection(*[j.update.unsent for j in trips])
-        partial = frozenset.union(*[j.update.unsent for j in trips])
-        key_samples = {key: sum(len(ctx.data.clients[j.client].train) for j in trips if key not in j.update.unsent)
-                       for key in partial}
-        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices), unsent=unsent,
+        key_samples = {key: sum(j.update.num_samples for j in trips if key not in j.update.unsent)
+                       for key in frozenset.union(*[j.update.unsent for j in trips])}
+        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices),
                                      key_samples=key_samples)
 
     env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))

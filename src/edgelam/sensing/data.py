@@ -119,15 +119,24 @@ def _real(s: SensingConfig, num_clients: int, partition: str, alpha: float, seed
     return clients, test, classes, next(iter(shapes)), desc
 
 
+def _relative_amplitudes(h: np.ndarray, window: int) -> Tensor:
+    """Generated CSI (N, W, subcarriers, rx, tx) -> relative amplitude windows (N, W, F)."""
+    return torch.from_numpy(relative(np.abs(h).reshape(len(h), window, -1)))
+
+
+def _activities(room: synthetic.RoomConfig, s: SensingConfig, per_class: int, rng: np.random.Generator,
+                task: str) -> list[SensingSample]:
+    h, y = synthetic.generate_set(room, per_class, rng, s.classes)
+    x = _relative_amplitudes(h, s.window)
+    return [SensingSample(x[i], int(y[i]), task) for i in range(len(x))]
+
+
 def _generated(s: SensingConfig, num_clients: int, seed: int
                ) -> tuple[list[list[SensingSample]], list[SensingSample], tuple[str, ...], tuple[int, int], str]:
     room = synthetic.RoomConfig(frames=s.window, snr_db=s.snr_db)
 
     def draw(n: int, stream: int) -> list[SensingSample]:
-        h, y = synthetic.generate_set(room, n, rng_for(seed, Purpose.SENSING_SIM, stream), s.classes)
-        amp = np.abs(h).reshape(len(h), s.window, -1)
-        x = torch.from_numpy(relative(amp))
-        return [SensingSample(x[i], int(y[i]), "sim") for i in range(len(x))]
+        return _activities(room, s, n, rng_for(seed, Purpose.SENSING_SIM, stream), "sim")
 
     clients = [draw(s.per_class, k) for k in range(num_clients)]
     test = draw(s.eval_per_class, 10_000)
@@ -151,23 +160,15 @@ def build_multitask_data(s: SensingConfig, data: DataConfig, seed: int) -> tuple
     room = synthetic.RoomConfig(frames=s.window, snr_db=s.snr_db)
     slow = synthetic.RoomConfig(frames=s.window, snr_db=s.snr_db, packet_rate_hz=s.respiration_hz)
 
-    def features(h: np.ndarray) -> Tensor:
-        return torch.from_numpy(relative(np.abs(h).reshape(len(h), s.window, -1)))
-
     def draw(task: str, per_class: int, stream: int) -> list[SensingSample]:
         rng = rng_for(seed, Purpose.SENSING_SIM, stream)
         if task == "activity":
-            h, y = synthetic.generate_set(room, per_class, rng, s.classes)
-            x = features(h)
-            return [SensingSample(x[i], int(y[i]), task) for i in range(len(x))]
+            return _activities(room, s, per_class, rng, task)
         h, bpm = synthetic.generate_breathing_set(slow, per_class * len(s.classes), rng, s.respiration_bpm)
-        x = features(h)
+        x = _relative_amplitudes(h, s.window)
         return [SensingSample(x[i], 0, task, float(bpm[i])) for i in range(len(x))]
 
-    held = data.num_clients
-    if held < len(s.tasks):
-        raise DataError(f"data.num_clients {held} cannot give each of sensing.tasks {list(s.tasks)} a client; "
-                        f"use at least {len(s.tasks)}")
+    held = data.num_clients  # >= len(s.tasks): config.RunConfig checks it
     clients = [draw(s.tasks[k % len(s.tasks)], s.per_class, k) for k in range(held)]
     test = {t: draw(t, s.eval_per_class, 10_000 + SENSING_TASKS.index(t)) for t in s.tasks}  # the same with any task list
     features_n = int(clients[0][0].window.shape[1])

@@ -72,7 +72,7 @@ class SensorEmbed(nn.Module):
 class SensingPredictor(nn.Module):
     """Tokens -> activity logits (B, C) through a decoder backbone."""
 
-    def __init__(self, backbone: nn.Module, embed: SensorEmbed, head: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, embed: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone  # a Hugging Face decoder's base model (LlamaModel...): takes inputs_embeds
         self.sensor_embed = embed
@@ -83,11 +83,13 @@ class SensingPredictor(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        tokens = self.sensor_embed(inputs)
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """Token embeddings (B, T, d) -> the backbone's last hidden state averaged over tokens (B, d), float32."""
         dtype = next(self.backbone.parameters()).dtype
-        hidden = self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state
-        return self.sensor_head(hidden.float().mean(dim=1))  # type: ignore[no-any-return]
+        return self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state.float().mean(dim=1)  # type: ignore[no-any-return]
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.sensor_head(self.pooled(self.sensor_embed(inputs)))  # type: ignore[no-any-return]
 
 
 def codebook_to_card(book: Tensor) -> dict[str, Any]:
@@ -147,10 +149,14 @@ class ActivityRecognition:
         d = int(getattr(backbone, "config").hidden_size)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            embed = SensorEmbed(self.positions, d, 2 * self.features if self.codebook is None else None,
-                                None if self.codebook is None else int(self.codebook.shape[0]))
+            embed = self.sensor_embed(d)
             head = nn.Linear(d, len(self.classes))
         return SensingPredictor(backbone, embed, head)
+
+    def sensor_embed(self, d_model: int) -> SensorEmbed:
+        """A new input module for this task's tokens (patch projection or code embeddings, positions)."""
+        return SensorEmbed(self.positions, d_model, 2 * self.features if self.codebook is None else None,
+                           None if self.codebook is None else int(self.codebook.shape[0]))
 
     # --- tokens ---
 

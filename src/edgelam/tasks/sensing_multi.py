@@ -28,13 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from edgelam.config import RunConfig
-from edgelam.config import LoraConfig as LoraSettings
-from edgelam.models.lora import attach_lora
 from edgelam.models.load import base_seed
 from edgelam.sensing.data import SensingSample, build_multitask_data
 from edgelam.tasks.base import Batch, TaskSetup
-from edgelam.tasks.channel import NORMS
-from edgelam.tasks.sensing import EMBED, HEAD, ActivityRecognition, SensorEmbed, codebook_from_card
+from edgelam.tasks.sensing import ActivityRecognition, SensingPredictor, SensorEmbed, codebook_from_card
 
 __all__ = ["MultiEmbed", "MultiHead", "MultiSensingPredictor", "MultiTaskSensing"]
 TASK_ORDER = ("activity", "respiration")
@@ -77,39 +74,26 @@ class MultiEmbed(nn.Module):
         return out
 
 
-class MultiSensingPredictor(nn.Module):
+class MultiSensingPredictor(SensingPredictor):
     """Tokens (and each window's task) -> every head's output side by side (B, C + 1). Without task
     ids (serving: the task of a window is not known) each task's embedding reads every window and
     each head answers from its own task's pass."""
 
     def __init__(self, backbone: nn.Module, embed: nn.Module, head: MultiHead, tasks: Sequence[str],
                  n_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.sensor_embed = embed
-        self.sensor_head = head
-        self.config = getattr(backbone, "config")  # read by models.flops.flop_model
+        super().__init__(backbone, embed, head)
         self.tasks, self.n_classes = tuple(tasks), n_classes
-        self.per_task = isinstance(embed, MultiEmbed)
+        self.per_task = isinstance(embed, MultiEmbed)  # known here: PEFT later wraps the embedding
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _pooled(self, inputs: Tensor, task_ids: Tensor) -> Tensor:
-        tokens = self.sensor_embed(inputs, task_ids) if self.per_task else self.sensor_embed(inputs)
-        dtype = next(self.backbone.parameters()).dtype
-        return self.backbone(inputs_embeds=tokens.to(dtype)).last_hidden_state.float().mean(dim=1)  # type: ignore[no-any-return]
-
-    def forward(self, inputs: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        if task_ids is not None or not self.per_task:
-            ids = task_ids if task_ids is not None else torch.zeros(inputs.shape[0], dtype=torch.long,
-                                                                    device=inputs.device)
-            return self.sensor_head(self._pooled(inputs, ids))  # type: ignore[no-any-return]
+    def forward(self, inputs: Tensor, task_ids: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if not self.per_task:
+            return self.sensor_head(self.pooled(self.sensor_embed(inputs)))  # type: ignore[no-any-return]
+        if task_ids is not None:
+            return self.sensor_head(self.pooled(self.sensor_embed(inputs, task_ids)))  # type: ignore[no-any-return]
         cols = []
         for t in self.tasks:
             ids = torch.full((inputs.shape[0],), TASK_ORDER.index(t), dtype=torch.long, device=inputs.device)
-            out = self.sensor_head(self._pooled(inputs, ids))
+            out = self.sensor_head(self.pooled(self.sensor_embed(inputs, ids)))
             cols.append(out[:, : self.n_classes] if t == "activity" else out[:, self.n_classes:])
         return torch.cat(cols, dim=-1)
 
@@ -151,22 +135,13 @@ class MultiTaskSensing(ActivityRecognition):
             raise ValueError(f"a multitask_sensing card needs tasks, classes, window, features, patch, tokenizer, "
                              f"respiration_bpm, task_embeddings (and the codebook for 'vq') ({exc})") from None
 
-    def predictor(self, backbone: nn.Module, seed: int) -> MultiSensingPredictor:  # type: ignore[override]
+    def predictor(self, backbone: nn.Module, seed: int) -> MultiSensingPredictor:
         d = int(getattr(backbone, "config").hidden_size)
-
-        def make() -> SensorEmbed:
-            return SensorEmbed(self.positions, d, 2 * self.features if self.codebook is None else None,
-                               None if self.codebook is None else int(self.codebook.shape[0]))
-
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            embed: nn.Module = MultiEmbed(self.tasks, make) if self.task_embeddings else make()
+            embed = MultiEmbed(self.tasks, lambda: self.sensor_embed(d)) if self.task_embeddings else self.sensor_embed(d)
             head = MultiHead(d, self.tasks, len(self.classes))
         return MultiSensingPredictor(backbone, embed, head, self.tasks, self.n_classes)
-
-    def wrap(self, base: nn.Module, lora: LoraSettings, seed: int) -> Any:
-        return attach_lora(self.predictor(base, seed), lora, seed=seed, task_type=None,
-                           modules_to_save=(EMBED, HEAD, *NORMS))
 
     def untrained(self, samples: Sequence[SensingSample]) -> tuple[str, ...]:
         """Name fragments of the parameters a client holding ``samples`` neither trains nor sends: the
