@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgelam.config_channels import BeamConfig, ChannelConfig
+from edgelam.config_privacy import PrivacyConfig
 from edgelam.config_sensing import SensingConfig
 from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
@@ -285,6 +286,7 @@ class RunConfig:
     channels: ChannelConfig = field(default_factory=ChannelConfig)  # data.source cdl: generated CSI
     beams: BeamConfig = field(default_factory=BeamConfig)  # data.source deepmimo: beam prediction
     sensing: SensingConfig = field(default_factory=SensingConfig)  # data.source wifi | wifi_sim: activities
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy, secure aggregation, unlearning
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES
@@ -292,6 +294,7 @@ class RunConfig:
             object.__setattr__(self.eval, "client_heldout", not split)
         self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
         self._check_task()
+        self._check_privacy(STRATEGY_DRIVERS[self.fl.strategy])
         if split:
             _require(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for split learning", self.train.grad_accum)
             n = len(self.split.schedule.budget_per_device)
@@ -346,6 +349,51 @@ class RunConfig:
             _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: one "
                      "environment: channels.profiles[k % len], beams.base_stations[k % len]) or iid for "
                      f"data.source {self.data.source}", self.data.partition)
+
+    def _check_privacy(self, driver: str) -> None:
+        """Privacy settings the chosen scheme cannot honour are refused with the reason."""
+        p, s, n = self.privacy, self.fl.strategy, self.data.num_clients
+        used = p.dp.on or p.secagg.enabled or p.unlearn != type(p.unlearn)()
+        _require(not used or driver != "split", "privacy", f"applies to the federated schemes; split learning ({s}) "
+                 "sends activations, not updates. Remove the privacy section", s)
+        _require(all(k < n for k in p.unlearn.exclude), "privacy.unlearn.exclude", f"must name clients 0..{n - 1}",
+                 p.unlearn.exclude)
+        _require(len(p.unlearn.exclude) < n, "privacy.unlearn.exclude", "must leave at least one client", p.unlearn.exclude)
+        if p.dp.client_level:
+            _require(s not in ("cfl", "hetlora", "flora", "flexlora"), "fl.strategy", f"'{s}' cannot run with client-level "
+                     "DP: cfl splits clusters on individual updates, and the rank-heterogeneous schemes aggregate "
+                     "per-client shapes, neither of which a noised sum releases. Use fedavg, fedprox, fedavgm, fedadam, "
+                     "ifca, rescluster, hierfavg, fedasync or fedbuff", s)
+            _require(self.fl.aggregator == "mean", "fl.aggregator", "must be mean with client-level DP (the noise is "
+                     "calibrated to a sum of clipped updates)", self.fl.aggregator)
+            _require("clip" not in self.fl.uplink, "fl.uplink", "must not list clip with privacy.dp: DP clips each "
+                     "update to privacy.dp.clipping_norm itself", list(self.fl.uplink))
+            delta = p.dp.target_delta
+            _require(delta is None or delta < 1 / n, "privacy.dp.target_delta", f"must be < 1/n = 1/{n} (the number "
+                     "of clients): delta >= 1/n allows publishing one client's data outright", delta)
+            if driver == "hier" and p.dp.mode == "central" and p.dp.noise_at == "cloud":
+                _require(self.fl.hier.kappa2 == 1, "privacy.dp.noise_at", "cloud needs fl.hier.kappa2 = 1 (after several "
+                         "edge rounds a device's effect on its edge model is not bounded by clipping_norm); use "
+                         f"noise_at: edge or set kappa2 to 1 (it is {self.fl.hier.kappa2})", p.dp.noise_at)
+        if p.dp.mode == "sample":
+            _require(self.train.grad_accum == 1, "train.grad_accum", "must be 1 with privacy.dp.mode sample (each "
+                     "batch is one noised DP-SGD step)", self.train.grad_accum)
+        if p.secagg.enabled:
+            _require(driver in ("sync", "hier"), "privacy.secagg.enabled", f"needs a cohort to mask among; '{s}' runs "
+                     f"on the {driver} driver. Use a synchronous or hierarchical scheme", True)
+            _require(s not in ("cfl", "ifca", "hetlora", "flora", "flexlora"), "fl.strategy", f"'{s}' needs each "
+                     "client's own update (cfl, ifca: to cluster; hetlora, flora, flexlora: per-rank shapes), which "
+                     "secure aggregation hides. Use fedavg, fedprox, fedavgm, fedadam, rescluster or hierfavg", s)
+            _require(self.fl.aggregator == "mean", "fl.aggregator", "must be mean with secure aggregation (the server "
+                     "learns only the sum)", self.fl.aggregator)
+            _require(self.fl.deadline_s is None, "fl.deadline_s", "cannot be combined with secure aggregation here "
+                     "(use privacy.secagg.dropout to model clients that go silent)", self.fl.deadline_s)
+            cohort = max(1, int(self.fl.fraction * n + 0.5))
+            t = p.secagg.threshold
+            _require(cohort >= 3, "privacy.secagg.enabled", f"needs a cohort of at least 3 clients per round (fl.fraction "
+                     f"x data.num_clients = {cohort})", cohort)
+            _require(t is None or t <= cohort, "privacy.secagg.threshold", f"must be <= the cohort size {cohort} "
+                     f"(fl.fraction x data.num_clients); above it no round could ever unmask", t)
 
     def _check_driver_settings(self, driver: str) -> None:
         """Settings a driver would ignore are refused, not dropped silently."""
