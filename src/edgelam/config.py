@@ -360,10 +360,10 @@ class RunConfig:
                  p.unlearn.exclude)
         _require(len(p.unlearn.exclude) < n, "privacy.unlearn.exclude", "must leave at least one client", p.unlearn.exclude)
         if p.dp.client_level:
-            _require(s not in ("cfl", "hetlora", "flora", "flexlora"), "fl.strategy", f"'{s}' cannot run with client-level "
-                     "DP: cfl splits clusters on individual updates, and the rank-heterogeneous schemes aggregate "
-                     "per-client shapes, neither of which a noised sum releases. Use fedavg, fedprox, fedavgm, fedadam, "
-                     "ifca, rescluster, hierfavg, fedasync or fedbuff", s)
+            _require(s not in ("cfl", "ifca", "hetlora", "flora", "flexlora"), "fl.strategy", f"'{s}' cannot run with "
+                     "client-level DP: cfl and ifca form clusters from individual updates, and the rank-heterogeneous "
+                     "schemes aggregate per-client shapes, none of which a noised sum releases. Use fedavg, fedprox, "
+                     "fedavgm, fedadam, rescluster (clusters by device resources), hierfavg, fedasync or fedbuff", s)
             _require(self.fl.aggregator == "mean", "fl.aggregator", "must be mean with client-level DP (the noise is "
                      "calibrated to a sum of clipped updates)", self.fl.aggregator)
             _require("clip" not in self.fl.uplink, "fl.uplink", "must not list clip with privacy.dp: DP clips each "

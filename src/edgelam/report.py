@@ -144,5 +144,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         t.add_row(f"{summary['budget']} per device per round", f"max {max(spent):.3f} {unit}, budget {min(budget):.3f} {unit}")
         t.add_row("devices over budget", ", ".join(map(str, over)) or "none")
         t.add_row("times scheduled per device", " ".join(map(str, summary["times_scheduled"])))
+    if summary.get("privacy"):  # differential privacy: what the run spent, by dp-accounting
+        p = summary["privacy"]
+        t.add_row(f"privacy spent ({p['mode']} DP, {p['accountant']})", f"epsilon {p['epsilon']:.3g} at delta {p['delta']:.2g}")
+        t.add_row("noise multiplier / clipping norm", f"{p['noise_multiplier']:.4g} / {p['clipping_norm']:.4g}")
     t.add_row("wall time", f"{summary['wall_s']:.1f} s")
     return t

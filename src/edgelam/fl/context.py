@@ -56,6 +56,7 @@ class Context:
     task: Task  # what a sample is, the loss and the metrics (tasks/)
     chain: list[Any] = field(default_factory=list)  # fl.uplink transforms (fl/transforms.py), set by the driver
     executor: Any = None  # runs clients' work (fl/executor.py); None: in this process
+    privacy: Any = None  # privacy.mechanism.Privacy when privacy.dp is on, set by the driver
 
 
 def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:

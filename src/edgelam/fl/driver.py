@@ -23,8 +23,10 @@ from edgelam.fl.evaluate import generate_answers
 from edgelam.fl.executor import LocalExecutor
 from edgelam.fl.transforms import build_chain
 from edgelam.fl.events import run_async
-from edgelam.fl.hierarchy import run_hier_round
-from edgelam.fl.rounds import filled, metrics_row, run_round
+from edgelam.fl.hierarchy import HierResult, run_hier_round
+from edgelam.fl.rounds import aggregate_input, filled, metrics_row, population_by_adapter, privacy_row, run_round
+from edgelam.fl.rounds import select_clients
+from edgelam.privacy.mechanism import Facts, Privacy, load_ledger, save_ledger
 from edgelam.fl.strategies.base import GLOBAL
 from edgelam.models.load import base_seed
 from edgelam.models.lora import AdapterState, get_adapter_state, save_adapter, set_adapter_state
@@ -41,14 +43,14 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
     cfg = ctx.cfg
     for r in range(st.round + 1, cfg.fl.rounds + 1):
         env = simpy.Environment(initial_time=st.sim_time_s)
-        selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, r))
-        res = run_round(env, ctx, st, selected, r)
-        new_state = ctx.strategy.aggregate(st.state, filled([j.update for j in res.jobs], ctx.strategy.reduce), r) if res.jobs else st.state
+        res = run_round(env, ctx, st, select_clients(ctx, r), r)
+        updates = aggregate_input(ctx, st, res.jobs, r)
+        new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
         backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
         row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0))
         st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
-        commit(row)
+        commit(row | privacy_row(ctx, st) | received(ctx, res.jobs))
 
 
 def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
@@ -56,12 +58,36 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
     cfg = ctx.cfg
     for r in range(st.round + 1, cfg.fl.rounds + 1):
         env = simpy.Environment(initial_time=st.sim_time_s)
-        selected = ctx.strategy.select(r, len(ctx.data.clients), rng_for(cfg.seed, Purpose.SELECT, r))
-        hres = run_hier_round(env, ctx, st, selected, r)
-        new_state = ctx.strategy.aggregate(st.state, filled(hres.edge_updates, ctx.strategy.reduce), r)
+        hres = run_hier_round(env, ctx, st, select_clients(ctx, r), r)
+        new_state = ctx.strategy.aggregate(st.state, hier_input(ctx, st, hres, r), r) if hres.jobs else st.state
         row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
         st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
-        commit(row)
+        commit(row | privacy_row(ctx, st) | received(ctx, hres.jobs))
+
+
+def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> list[Any]:
+    """The cloud's aggregation input: the edge models, or under central DP with the noise at the
+    cloud the noised mean of every device's clipped update (fl.hier.kappa2 = 1: the edges forward
+    their devices' sums); the round's privacy is recorded in the ledger."""
+    if ctx.privacy is None:
+        return filled(hres.edge_updates, ctx.strategy.reduce)
+    ledger = load_ledger(st.aux_meta)
+    dp = ctx.privacy.dp
+    if dp.mode == "central" and dp.noise_at == "cloud":
+        updates = ctx.privacy.release(ledger, hres.jobs, [], population_by_adapter(ctx, st.state), round_idx, record=False)
+    else:
+        updates = filled(hres.edge_updates, ctx.strategy.reduce)
+    ctx.privacy.record_hier(ledger, hres.jobs)
+    save_ledger(st.aux_meta, ledger)
+    return updates
+
+
+def received(ctx: Context, jobs: list[Any]) -> dict[str, Any]:
+    """With ``privacy.unlearn.store_updates``: each client's start and received update, under the
+    row's private key ``_updates`` (the lifecycle stores them for FedEraser and drops the key)."""
+    if not ctx.cfg.privacy.unlearn.store_updates:
+        return {}
+    return {"_updates": {j.client: (j.start, j.update.state) for j in jobs}}
 
 
 ADVANCE: dict[str, Callable[[Context, RunState, Commit, Wall], None]] = {
@@ -74,8 +100,15 @@ class FLDriver:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.ctx = setup(cfg)
-        self.ctx.chain = build_chain(cfg.fl)
-        self.ctx.executor = LocalExecutor(self.ctx)
+        ctx = self.ctx
+        if cfg.privacy.dp.on:
+            n = len(ctx.data.clients)
+            active = ctx.strategy.select(0, n, rng_for(cfg.seed, Purpose.SELECT, 0))
+            facts = Facts(population(ctx).latency_s, [len(c.train) for c in ctx.data.clients],
+                          [k for k in active if k not in cfg.privacy.unlearn.exclude])
+            ctx.privacy = Privacy(cfg, facts, ctx.strategy.driver)
+        ctx.chain = (ctx.privacy.transforms() if ctx.privacy else []) + build_chain(cfg.fl)
+        ctx.executor = LocalExecutor(ctx)
 
     def initial_state(self) -> RunState:
         ctx = self.ctx
@@ -113,8 +146,11 @@ class FLDriver:
             paths[name] = folder.replace_dir(rel, lambda tmp, a=adapter: write(tmp, a))  # type: ignore[misc]
         if ctx.cfg.eval.generate:
             folder.write_text("samples.jsonl", "".join(to_json_line(a) + "\n" for a in self._answers(st, adapters)))
-        return {"data": ctx.data.description, "adapter": str(next(iter(paths.values()))),
-                "adapters": {k: str(v) for k, v in paths.items()}}
+        out = {"data": ctx.data.description, "adapter": str(next(iter(paths.values()))),
+               "adapters": {k: str(v) for k, v in paths.items()}}
+        if ctx.privacy is not None:  # the privacy spent over the whole run, in the summary and its table
+            out |= privacy_row(ctx, st)
+        return out
 
     def _answers(self, st: RunState, adapters: dict[str, Any]) -> list[dict[str, Any]]:
         ctx = self.ctx

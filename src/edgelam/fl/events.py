@@ -18,9 +18,10 @@ import simpy
 from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.rundir import RunState
-from edgelam.fl.rounds import Job, metrics_row, start_job
+from edgelam.fl.rounds import Job, metrics_row, privacy_row, start_job
 from edgelam.fl.strategies.base import AsyncStrategy, get_prefixed, put_prefixed
 from edgelam.net.topology import ClientCost, link_state
+from edgelam.privacy.mechanism import load_ledger, save_ledger
 from edgelam.store import Purpose, rng_for, torch_seed_for
 
 
@@ -70,7 +71,10 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     if not isinstance(strategy, AsyncStrategy):
         raise TypeError(f"{ctx.cfg.fl.strategy} runs on the async driver but has no on_arrival")
     rounds = ctx.cfg.fl.rounds
-    active = strategy.select(0, len(ctx.data.clients), rng_for(ctx.cfg.seed, Purpose.SELECT, 0))
+    active = [k for k in strategy.select(0, len(ctx.data.clients), rng_for(ctx.cfg.seed, Purpose.SELECT, 0))
+              if k not in ctx.cfg.privacy.unlearn.exclude]
+    privacy = ctx.privacy
+    ledger = load_ledger(st.aux_meta)
     share = edge_shares(ctx, active)
     counts = {int(k): int(v) for k, v in st.aux_meta.get("counts", {}).items()}
     in_flight = _unpack(st.aux, st.aux_meta.get("jobs", {}))
@@ -87,10 +91,14 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
 
     def new_version() -> None:
         row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(), staleness=[s for _, s in pending])
+        if privacy is not None:
+            privacy.record_async(ledger, [(j.client, strategy.dp_weight(s)) for j, s in pending])
         st.round, st.sim_time_s = st.round + 1, float(env.now)
         st.aux, jobs_meta = _pack(in_flight)
         st.aux_meta = {"counts": counts, "jobs": jobs_meta}
-        commit(row)
+        if privacy is not None:
+            save_ledger(st.aux_meta, ledger)
+        commit(row | privacy_row(ctx, st))
         pending.clear()
 
     def server():  # type: ignore[no-untyped-def]
@@ -101,7 +109,11 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
             if update.unsent:  # what the client did not train: no change, against the server's state now
                 now = {k: v for k, v in get_prefixed(st.state, update.adapter).items() if k in update.unsent}
                 update, start = dataclasses.replace(update, state=update.state | now), start | now
-            st.state, changed = strategy.on_arrival(st.state, update, start, staleness)
+            noise = None
+            if privacy is not None:
+                privacy.record_uploads(ledger, [job])  # local DP and DP-SGD: the upload itself
+                noise = privacy.async_noise(start, st.round, len(pending))
+            st.state, changed = strategy.on_arrival(st.state, update, start, staleness, noise)
             pending.append((job, staleness))
             if changed:
                 new_version()

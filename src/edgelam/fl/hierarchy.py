@@ -58,6 +58,12 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
     jobs: list[Job] = []
     edge_updates: dict[int, EdgeUpdate] = {}
     backhaul = [0, 0]
+    dp = ctx.privacy.dp if ctx.privacy is not None else None
+    edge_noise = dp is not None and dp.mode == "central" and dp.noise_at == "edge"
+    attached: dict[int, int] = {}  # devices (not excluded) each edge serves: DP-FedAvg's N at the edge
+    for k, dev in enumerate(ctx.topology.devices):
+        if k not in cfg.privacy.unlearn.exclude:
+            attached[dev.edge] = attached.get(dev.edge, 0) + 1
 
     def backhaul_s(n_bytes: int) -> float:
         return cfg.net.backhaul_latency_s + channel.transfer_time_s(n_bytes, cfg.net.backhaul_bps)
@@ -73,14 +79,18 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
-            model = strategy.reduce([u.state for u in filled([j.update for j in trips], strategy.reduce)],
-                                    [j.update.num_samples for j in trips])
+            if edge_noise:  # central DP at the edge: the noised mean of its devices' clipped updates
+                model = ctx.privacy.release({}, trips, [], {GLOBAL: attached[e]}, round_idx, 1 + t, e, record=False)[0].state
+            else:
+                model = strategy.reduce([u.state for u in filled([j.update for j in trips], strategy.reduce)],
+                                        [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
         key_samples = {key: sum(j.update.num_samples for j in trips if key not in j.update.unsent)
                        for key in frozenset.union(*[j.update.unsent for j in trips])}
-        edge_updates[e] = EdgeUpdate(e, model, sum(len(ctx.data.clients[k].train) for k in devices),
-                                     key_samples=key_samples)
+        # under DP the cloud weighs an edge by the devices it serves (public), not by who took part
+        weight = attached[e] if ctx.privacy is not None else sum(len(ctx.data.clients[k].train) for k in devices)
+        edge_updates[e] = EdgeUpdate(e, model, weight, key_samples=key_samples)
 
     env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))
     return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now))

@@ -19,6 +19,7 @@ from edgelam.fl.transforms import Trip, apply_chain, to_server
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
 from edgelam.models.lora import serialize
+from edgelam.privacy.mechanism import load_ledger, save_ledger
 from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
 from edgelam.store import Purpose, rng_for, torch_seed_for
 
@@ -43,9 +44,9 @@ def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train
                       seed, train or ctx.cfg.train, strategy.prox_mu)
 
 
-def uplink(ctx: Context, state: State, k: int, version: int, trained: State, start: State) -> State:
+def uplink(ctx: Context, state: State, k: int, version: int, trained: State, start: State, seed: int = 0) -> State:
     """What crosses the air: the ``fl.uplink`` transforms in order, then the strategy's upload."""
-    return ctx.strategy.upload(k, state, apply_chain(ctx.chain, trained, start, Trip(k, version)))
+    return ctx.strategy.upload(k, state, apply_chain(ctx.chain, trained, start, Trip(k, version, seed)))
 
 
 def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], links: dict[int, LinkState],
@@ -64,7 +65,7 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     jobs = []
     for w, plan, res in zip(works, plans, results):
         k = w.client
-        sent = uplink(ctx, state, k, version, res.update.state, res.start)
+        sent = uplink(ctx, state, k, version, res.update.state, res.start, w.seed)
         got = (len(serialize(sent)), res.update.flops + res.probe_flops)
         if got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9):
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
@@ -96,6 +97,47 @@ def filled(updates: Sequence[Any], reduce: Reduce) -> list[Any]:
         for i, st in zip(idx, states):
             out[i] = dataclasses.replace(updates[i], state=st)
     return out
+
+
+def select_clients(ctx: Context, round_idx: int) -> list[int]:
+    """A synchronous round's cohort: the strategy's selection (Poisson sampling under client-level
+    DP, ``privacy/mechanism.py``) without the clients ``privacy.unlearn.exclude`` leaves out (the
+    draw itself unchanged, so a run without client K is the same run minus K's trips)."""
+    n, rng = len(ctx.data.clients), rng_for(ctx.cfg.seed, Purpose.SELECT, round_idx)
+    chosen = ctx.privacy.select(n, rng) if ctx.privacy is not None else None
+    if chosen is None:
+        chosen = ctx.strategy.select(round_idx, n, rng)
+    return [k for k in chosen if k not in ctx.cfg.privacy.unlearn.exclude]
+
+
+def population_by_adapter(ctx: Context, state: State) -> dict[str, int]:
+    """How many (not excluded) clients each adapter serves now: DP-FedAvg's N per adapter."""
+    counts: dict[str, int] = {}
+    for k, name in enumerate(ctx.strategy.assignment(state, len(ctx.data.clients))):
+        if k not in ctx.cfg.privacy.unlearn.exclude:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def aggregate_input(ctx: Context, st: RunState, jobs: Sequence[Job], round_idx: int) -> list[Any]:
+    """What a synchronous round's strategy aggregates: the arrived updates (``filled``), or under
+    privacy the noised release per adapter (central DP), with the privacy spent recorded in the
+    run state's ledger (``privacy/mechanism.py``)."""
+    updates = filled([j.update for j in jobs], ctx.strategy.reduce)
+    if ctx.privacy is None:
+        return updates
+    ledger = load_ledger(st.aux_meta)
+    out = ctx.privacy.release(ledger, jobs, updates, population_by_adapter(ctx, st.state), round_idx)
+    save_ledger(st.aux_meta, ledger)
+    return out
+
+
+def privacy_row(ctx: Context, st: RunState) -> dict[str, Any]:
+    """The metrics line's privacy fields: ``dp_epsilon`` and the ``privacy`` block (none without DP)."""
+    if ctx.privacy is None:
+        return {}
+    report = ctx.privacy.report(load_ledger(st.aux_meta))
+    return {"dp_epsilon": report["epsilon"], "privacy": report}
 
 
 def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState, seed: int, now: float,

@@ -31,6 +31,7 @@ State = dict[str, Tensor]
 class Trip:
     client: int
     round: int  # the server version the client read
+    seed: int = 0  # the trip's training seed (unique per trip: keys a transform's own randomness)
 
 
 class Transform(Protocol):

@@ -93,8 +93,15 @@ class Strategy(Protocol):
 class AsyncStrategy(Protocol):
     """A scheme without rounds: the server folds in each update as it arrives."""
 
-    def on_arrival(self, state: State, update: Update, start: State, staleness: int) -> tuple[State, bool]:
-        """(new state, whether the global model changed: a new version)."""
+    def on_arrival(self, state: State, update: Update, start: State, staleness: int,
+                   noise: State | None = None) -> tuple[State, bool]:
+        """(new state, whether the global model changed: a new version). ``noise``: central DP's
+        N(0, (sigma C)^2) for the server step this arrival may complete (``privacy/dp.py``)."""
+        ...
+
+    def dp_weight(self, staleness: int) -> float:
+        """How much of one clipped update a server step folds in, relative to its noise (central DP's
+        sensitivity, in units of C)."""
         ...
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from edgelam.config import AsyncConfig, FLConfig, TrainConfig
 from edgelam.fl.aggregate import mix, staleness_weight
+from edgelam.privacy.dp import add_noise
 from edgelam.fl.strategies.base import (
     GLOBAL,
     Scheme,
@@ -34,7 +35,13 @@ class FedAsync(Scheme):
     def from_config(cls, fl: FLConfig, train: TrainConfig, seed: int = 0) -> "FedAsync":
         return cls(fraction=fl.fraction, settings=fl.asynchronous, prox_mu=train.prox_mu)
 
-    def on_arrival(self, state: State, update: Update, start: State, staleness: int) -> tuple[State, bool]:
+    def on_arrival(self, state: State, update: Update, start: State, staleness: int,
+                   noise: State | None = None) -> tuple[State, bool]:
+        """Central DP: the noise joins x_new before mixing, so update and noise scale together."""
         s = self.settings
         alpha_t = s.alpha * staleness_weight(s.staleness, staleness, s.a, s.b)
-        return replace_prefixed(state, GLOBAL, mix(get_prefixed(state, GLOBAL), update.state, alpha_t)), True
+        x_new = add_noise(update.state, noise) if noise is not None else update.state
+        return replace_prefixed(state, GLOBAL, mix(get_prefixed(state, GLOBAL), x_new, alpha_t)), True
+
+    def dp_weight(self, staleness: int) -> float:
+        return 1.0  # alpha s(tau) scales the update and its noise alike
