@@ -59,7 +59,8 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
     for r in range(st.round + 1, cfg.fl.rounds + 1):
         env = simpy.Environment(initial_time=st.sim_time_s)
         hres = run_hier_round(env, ctx, st, select_clients(ctx, r), r)
-        new_state = ctx.strategy.aggregate(st.state, hier_input(ctx, st, hres, r), r) if hres.jobs else st.state
+        updates = hier_input(ctx, st, hres, r)
+        new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
         st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
         commit(row | privacy_row(ctx, st) | received(ctx, hres.jobs))
@@ -74,7 +75,8 @@ def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> 
     ledger = load_ledger(st.aux_meta)
     dp = ctx.privacy.dp
     if dp.mode == "central" and dp.noise_at == "cloud":
-        updates = ctx.privacy.release(ledger, hres.jobs, [], population_by_adapter(ctx, st.state), round_idx, record=False)
+        updates = ctx.privacy.release(ledger, hres.jobs, [], population_by_adapter(ctx, st.state),
+                                      ctx.strategy.adapters(st.state), round_idx, record=False)
     else:
         updates = filled(hres.edge_updates, ctx.strategy.reduce)
     ctx.privacy.record_hier(ledger, hres.jobs)

@@ -80,7 +80,8 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
             if edge_noise:  # central DP at the edge: the noised mean of its devices' clipped updates
-                model = ctx.privacy.release({}, trips, [], {GLOBAL: attached[e]}, round_idx, 1 + t, e, record=False)[0].state
+                model = ctx.privacy.release({}, trips, [], {GLOBAL: attached[e]}, {GLOBAL: model}, round_idx, 1 + t, e,
+                                            record=False)[0].state
             else:
                 model = strategy.reduce([u.state for u in filled([j.update for j in trips], strategy.reduce)],
                                         [j.update.num_samples for j in trips])

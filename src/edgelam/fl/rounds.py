@@ -127,7 +127,8 @@ def aggregate_input(ctx: Context, st: RunState, jobs: Sequence[Job], round_idx: 
     if ctx.privacy is None:
         return updates
     ledger = load_ledger(st.aux_meta)
-    out = ctx.privacy.release(ledger, jobs, updates, population_by_adapter(ctx, st.state), round_idx)
+    out = ctx.privacy.release(ledger, jobs, updates, population_by_adapter(ctx, st.state),
+                              ctx.strategy.adapters(st.state), round_idx)
     save_ledger(st.aux_meta, ledger)
     return out
 

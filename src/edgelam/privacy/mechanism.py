@@ -131,10 +131,13 @@ class Privacy:
         return gaussian_noise(like, self.dp.sigma * self.dp.clip, torch_seed_for(self.cfg.seed, Purpose.DP_NOISE, *keys))
 
     def release(self, ledger: acc.Ledger, jobs: Sequence[Any], updates: Sequence[Any], population: dict[str, int],
-                round_idx: int, tier: int = 0, edge: int = 0, record: bool = True) -> list[Any]:
-        """A synchronous aggregation's input. Central: per adapter, one noised mean of the clipped
-        updates with denominator q N_adapter (``population``: the clients each adapter serves; a key
-        a client did not send counts as no change); local and DP-SGD: the clients' own ``updates``.
+                starts: dict[str, State], round_idx: int, tier: int = 0, edge: int = 0,
+                record: bool = True) -> list[Any]:
+        """A synchronous aggregation's input. Central: for every adapter (``starts``: name -> the
+        adapter its clients started from; ``population``: how many clients it serves), one noised
+        mean of its clients' clipped updates with denominator q N, released even when Poisson
+        sampling picked none of them (then start + z / (q N)), as the accountant assumes; a key a
+        client did not send counts as no change. Local and DP-SGD: the clients' own ``updates``.
         Records the steps in ``ledger`` unless ``record`` is False (an edge round: hierfavg's kappa2
         edge steps are accounted once per cloud round, ``record_hier``)."""
         if self.dp.mode != "central":
@@ -142,9 +145,9 @@ class Privacy:
                 self.record_uploads(ledger, jobs)
             return list(updates)
         out: list[Any] = []
-        for name in sorted({j.update.adapter for j in jobs}):
+        for name in sorted(n for n in starts if population.get(n, 0) > 0):
             group = [j for j in jobs if j.update.adapter == name]
-            start = group[0].start
+            start = group[0].start if group else starts[name]
             mean = noised_mean(start, [j.update.state for j in group], self.dp.q * population[name],
                                self.noise(start, round_idx, tier, edge, zlib.crc32(name.encode())))
             out.append(Released(mean, name))
