@@ -78,6 +78,7 @@ class Purpose(IntEnum):
     ASYNC_FADING = 6  # (client, trip)
     EDGE_FADING = 7  # (round, edge, edge round): hierarchical device links
     DP_NOISE = 60  # differential privacy's Gaussian noise (privacy/mechanism.py keys its own draws)
+    SECAGG = 61  # (round, edge): secure aggregation's client secrets and who goes silent
     SPLIT_DROPOUT = 5  # (round): dropout during a split round's steps (alias, see above)
     SPLIT_SCHEDULE = 6  # (round): the random baseline scheduler (alias, see above)
     CLASS_POOL = 20  # classification data: the training pool

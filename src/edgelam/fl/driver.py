@@ -44,11 +44,13 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
     for r in range(st.round + 1, cfg.fl.rounds + 1):
         env = simpy.Environment(initial_time=st.sim_time_s)
         res = run_round(env, ctx, st, select_clients(ctx, r), r)
-        updates = aggregate_input(ctx, st, res.jobs, r)
+        updates = aggregate_input(ctx, st, res, r)
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
         backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
         row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0))
+        if res.secagg is not None:
+            row["secagg"] = res.secagg
         st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
         commit(row | privacy_row(ctx, st) | received(ctx, res.jobs))
 
@@ -62,6 +64,8 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         updates = hier_input(ctx, st, hres, r)
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
+        if hres.secagg is not None:
+            row["secagg"] = hres.secagg
         st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
         commit(row | privacy_row(ctx, st) | received(ctx, hres.jobs))
 
@@ -74,7 +78,7 @@ def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> 
         return filled(hres.edge_updates, ctx.strategy.reduce)
     ledger = load_ledger(st.aux_meta)
     dp = ctx.privacy.dp
-    if dp.mode == "central" and dp.noise_at == "cloud":
+    if dp.mode == "central" and dp.noise_at == "cloud" and not ctx.cfg.privacy.secagg.enabled:
         updates = ctx.privacy.release(ledger, hres.jobs, [], population_by_adapter(ctx, st.state),
                                       ctx.strategy.adapters(st.state), round_idx, record=False)
     else:

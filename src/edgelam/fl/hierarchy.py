@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import simpy
 
 from edgelam.fl.context import Context
 from edgelam.rundir import RunState
 from edgelam.fl.rounds import Job, filled, start_jobs
+from edgelam.fl.secure import secure_round
 from edgelam.fl.strategies.base import GLOBAL, State, get_prefixed, put_prefixed
 from edgelam.models.lora import serialize
 from edgelam.net import channel
@@ -45,6 +47,7 @@ class HierResult:
     edge_updates: list[EdgeUpdate]
     backhaul: tuple[int, int]  # bytes edge -> cloud, cloud -> edge
     end_time_s: float
+    secagg: dict[str, Any] | None = None  # SecAgg at each edge: the reports of every edge round
 
 
 def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> HierResult:
@@ -59,7 +62,9 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
     edge_updates: dict[int, EdgeUpdate] = {}
     backhaul = [0, 0]
     dp = ctx.privacy.dp if ctx.privacy is not None else None
-    edge_noise = dp is not None and dp.mode == "central" and dp.noise_at == "edge"
+    secure = cfg.privacy.secagg.enabled
+    reports: list[dict] = []  # SecAgg's report per edge round
+    edge_noise = dp is not None and dp.mode == "central" and dp.noise_at == "edge" and not secure
     attached: dict[int, int] = {}  # devices (not excluded) each edge serves: DP-FedAvg's N at the edge
     for k, dev in enumerate(ctx.topology.devices):
         if k not in cfg.privacy.unlearn.exclude:
@@ -77,6 +82,15 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, Purpose.EDGE_FADING, round_idx, e, t))
             seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t) for k in devices}
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
+            if secure:  # SecAgg at the edge: the edge server learns only its devices' sum
+                outcome = secure_round(ctx, trips, links, round_idx, edge=1000 * (1 + t) + e, population=attached[e])
+                jobs.extend([*outcome.jobs, *outcome.dropped])
+                reports.append(outcome.report)
+                sent = max((j.cost.total_s for j in outcome.jobs), default=0.0)
+                yield env.timeout(outcome.setup_s + max(sent, *(j.cost.t_down_s + j.cost.t_comp_s for j in outcome.dropped))
+                                  + outcome.unmask_s)
+                model = outcome.released[0].state if outcome.released else model  # failed: the edge model stays
+                continue
             jobs.extend(trips)
             yield env.timeout(max(j.cost.total_s for j in trips))  # the edge waits for its slowest device
             if edge_noise:  # central DP at the edge: the noised mean of its devices' clipped updates
@@ -87,11 +101,12 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
                                         [j.update.num_samples for j in trips])
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
-        key_samples = {key: sum(j.update.num_samples for j in trips if key not in j.update.unsent)
-                       for key in frozenset.union(*[j.update.unsent for j in trips])}
+        key_samples = {} if secure else {key: sum(j.update.num_samples for j in trips if key not in j.update.unsent)
+                                         for key in frozenset.union(*[j.update.unsent for j in trips])}
         # under DP the cloud weighs an edge by the devices it serves (public), not by who took part
         weight = attached[e] if ctx.privacy is not None else sum(len(ctx.data.clients[k].train) for k in devices)
         edge_updates[e] = EdgeUpdate(e, model, weight, key_samples=key_samples)
 
     env.run(until=env.all_of([env.process(edge(e, ds)) for e, ds in sorted(members.items())]))
-    return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now))
+    return HierResult(jobs, [edge_updates[e] for e in sorted(edge_updates)], (backhaul[0], backhaul[1]), float(env.now),
+                      {"edges": reports, "failed": sum("failed" in r for r in reports)} if secure else None)

@@ -19,6 +19,7 @@ from edgelam.fl.transforms import Trip, apply_chain, to_server
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
 from edgelam.models.lora import serialize
+from edgelam.fl.secure import SecureOutcome, secure_round
 from edgelam.privacy.mechanism import load_ledger, save_ledger
 from edgelam.net.topology import ClientCost, LinkState, client_round_cost, draw_links
 from edgelam.store import Purpose, rng_for, torch_seed_for
@@ -119,16 +120,20 @@ def population_by_adapter(ctx: Context, state: State) -> dict[str, int]:
     return counts
 
 
-def aggregate_input(ctx: Context, st: RunState, jobs: Sequence[Job], round_idx: int) -> list[Any]:
-    """What a synchronous round's strategy aggregates: the arrived updates (``filled``), or under
-    privacy the noised release per adapter (central DP), with the privacy spent recorded in the
-    run state's ledger (``privacy/mechanism.py``)."""
-    updates = filled([j.update for j in jobs], ctx.strategy.reduce)
+def aggregate_input(ctx: Context, st: RunState, res: RoundResult, round_idx: int) -> list[Any]:
+    """What a synchronous round's strategy aggregates: the arrived updates (``filled``), the unmasked
+    sum under secure aggregation, or under central DP the noised release per adapter, with the
+    privacy spent recorded in the run state's ledger (``privacy/mechanism.py``)."""
+    updates = filled([j.update for j in res.jobs], ctx.strategy.reduce) if res.released is None else res.released
     if ctx.privacy is None:
         return updates
     ledger = load_ledger(st.aux_meta)
-    out = ctx.privacy.release(ledger, jobs, updates, population_by_adapter(ctx, st.state),
-                              ctx.strategy.adapters(st.state), round_idx)
+    if res.released is not None:  # SecAgg: DP noise came from the clients; a failed round released nothing
+        ctx.privacy.record_secure(ledger, res.jobs, [r.adapter for r in res.released])
+        out = res.released
+    else:
+        out = ctx.privacy.release(ledger, res.jobs, updates, population_by_adapter(ctx, st.state),
+                                  ctx.strategy.adapters(st.state), round_idx)
     save_ledger(st.aux_meta, ledger)
     return out
 
@@ -149,8 +154,25 @@ def start_job(ctx: Context, state: State, version: int, k: int, link: LinkState,
 @dataclass(frozen=True)
 class RoundResult:
     jobs: list[Job]  # arrived in time, in client order
-    dropped: list[Job]  # missed the deadline: their work is charged, their update discarded
+    dropped: list[Job]  # missed the deadline (or went silent in SecAgg): work charged, update discarded
     end_time_s: float
+    released: list[Any] | None = None  # secure aggregation: the unmasked aggregate per adapter ([]: failed)
+    secagg: dict[str, Any] | None = None  # the metrics line's ``secagg`` block
+
+
+def secure_cohort(ctx: Context, st: RunState, jobs: Sequence[Job], links: dict[int, LinkState], round_idx: int,
+                  edge: int = 0, population: dict[str, int] | None = None) -> list[SecureOutcome]:
+    """SecAgg within each adapter's cohort (``fl/secure.py``)."""
+    pop = population or population_by_adapter(ctx, st.state)
+    return [secure_round(ctx, [j for j in jobs if j.update.adapter == name], links, round_idx, edge, pop[name])
+            for name in sorted({j.update.adapter for j in jobs})]
+
+
+def merge_reports(outcomes: Sequence[SecureOutcome]) -> dict[str, Any]:
+    reports = [o.report for o in outcomes]
+    if len(reports) == 1:
+        return reports[0]
+    return {"cohorts": reports, "failed": sum("failed" in r for r in reports)}
 
 
 def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list[int], round_idx: int) -> RoundResult:
@@ -162,10 +184,17 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
         transform.on_cohort(selected, round_idx)
     seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k) for k in selected}
     jobs = {j.client: j for j in start_jobs(ctx, st.state, round_idx, selected, links, seeds, env.now)}
+    secure = secure_cohort(ctx, st, list(jobs.values()), links, round_idx) if cfg.privacy.secagg.enabled and jobs else []
+    silent = {j.client for o in secure for j in o.dropped}
+    jobs |= {j.client: j for o in secure for j in [*o.jobs, *o.dropped]}
+    setup_s = max((o.setup_s for o in secure), default=0.0)
 
     def client(job: Job):  # type: ignore[no-untyped-def]
+        yield env.timeout(setup_s)  # SecAgg's key rounds come before the model goes down
         yield env.timeout(job.cost.t_down_s)
         yield env.timeout(job.cost.t_comp_s)
+        if job.client in silent:
+            return
         yield env.timeout(job.cost.t_up_s)
         arrived[job.client] = job
 
@@ -174,8 +203,12 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
         env.run(until=everyone)
     else:
         env.run(until=env.any_of([everyone, env.timeout(cfg.fl.deadline_s)]))
+    if secure:  # the Unmasking round, after the last masked update
+        env.run(until=env.now + max(o.unmask_s for o in secure))
     done = [jobs[k] for k in selected if k in arrived]
-    return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now))
+    released = [r for o in secure for r in o.released] if secure else None
+    return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now), released,
+                       merge_reports(secure) if secure else None)
 
 
 def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,

@@ -157,6 +157,18 @@ class Privacy:
             acc.record(ledger, ALL, self.dp.q, self.dp.sigma)
         return out
 
+    def record_secure(self, ledger: acc.Ledger, jobs: Sequence[Any], adapters: Sequence[str]) -> None:
+        """A securely aggregated round: central DP's noise was added by the clients (at least
+        N(0, (sigma C)^2) in any sum that can be unmasked, ``fl/secure.py``), one step per adapter
+        released; local DP and DP-SGD: the uploads."""
+        if self.dp.mode != "central":
+            self.record_uploads(ledger, jobs)
+            return
+        for name in adapters:
+            acc.record(ledger, name, self.dp.q, self.dp.sigma)
+        if adapters:
+            acc.record(ledger, ALL, self.dp.q, self.dp.sigma)
+
     def record_uploads(self, ledger: acc.Ledger, jobs: Sequence[Any]) -> None:
         """Local DP: each upload is one Gaussian step of its client; DP-SGD: the steps each trip ran
         (``ClientUpdate.dp_steps``: sampling rate, sigma, count)."""
