@@ -87,8 +87,8 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
                 jobs.extend([*outcome.jobs, *outcome.dropped])
                 reports.append(outcome.report)
                 sent = max((j.cost.total_s for j in outcome.jobs), default=0.0)
-                yield env.timeout(outcome.setup_s + max(sent, *(j.cost.t_down_s + j.cost.t_comp_s for j in outcome.dropped))
-                                  + outcome.unmask_s)
+                silent = [j.cost.t_down_s + j.cost.t_comp_s for j in outcome.dropped]
+                yield env.timeout(outcome.setup_s + max([sent, *silent]) + outcome.unmask_s)
                 model = outcome.released[0].state if outcome.released else model  # failed: the edge model stays
                 continue
             jobs.extend(trips)

@@ -203,8 +203,9 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
         env.run(until=everyone)
     else:
         env.run(until=env.any_of([everyone, env.timeout(cfg.fl.deadline_s)]))
-    if secure:  # the Unmasking round, after the last masked update
-        env.run(until=env.now + max(o.unmask_s for o in secure))
+    unmask_s = max((o.unmask_s for o in secure), default=0.0)
+    if unmask_s > 0:  # the Unmasking round, after the last masked update
+        env.run(until=env.now + unmask_s)
     done = [jobs[k] for k in selected if k in arrived]
     released = [r for o in secure for r in o.released] if secure else None
     return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now), released,
