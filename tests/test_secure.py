@@ -4,7 +4,6 @@ fails cleanly; with central DP the clients' noise is accounted; SecAgg at each h
 
 from __future__ import annotations
 
-import pytest
 import simpy
 import torch
 
@@ -13,7 +12,6 @@ from edgelam.fl.driver import FLDriver
 from edgelam.fl.rounds import aggregate_input, run_round, select_clients
 from edgelam.fl.strategies.base import GLOBAL, get_prefixed
 from edgelam.lifecycle import run
-from edgelam.privacy.mechanism import load_ledger
 from edgelam.store import read_jsonl
 
 FAST = ["fl.rounds=1", "train.local_steps=2", "data.examples_per_task=12", "eval.max_per_task=4"]

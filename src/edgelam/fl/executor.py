@@ -17,10 +17,11 @@ from typing import Any, Protocol
 import torch
 
 from edgelam.config import TrainConfig
-from edgelam.fl.client import ClientUpdate, batches, local_train, num_local_steps
+from edgelam.fl.client import ClientUpdate, local_train, trip_steps
 from edgelam.fl.context import Context, Prober
 from edgelam.models.flops import FlopModel, forward_flops
 from edgelam.models.lora import serialize
+from edgelam.privacy.dpsgd import DPSGD
 from edgelam.tasks.base import Task
 
 State = dict[str, torch.Tensor]
@@ -41,6 +42,7 @@ class ClientWork:
     seed: int
     train: TrainConfig
     prox_mu: float
+    dpsgd: DPSGD | None = None  # sample-level DP-SGD on the client (privacy.dp.mode: sample)
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,14 @@ class Executor(Protocol):
     def run(self, works: Sequence[ClientWork]) -> list[ClientResult]: ...
 
 
-def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopModel, task: Task) -> float:
-    """The FLOPs ``local_train`` will do, from the batches its seeded sampler will draw (the task's work)."""
-    gen = torch.Generator().manual_seed(seed)
-    stream = batches(data, cfg.batch_size, gen)
+def planned_train_flops(data: list[Any], cfg: TrainConfig, seed: int, fm: FlopModel, task: Task,
+                        dpsgd: DPSGD | None = None) -> float:
+    """The FLOPs ``local_train`` will do, from the batches its seeded sampler will draw (the task's work;
+    ``client.trip_steps``, Poisson batches with ``dpsgd``, whose per-example backward counts as a plain one)."""
     total = 0.0
-    for _ in range(num_local_steps(cfg, len(data)) * cfg.grad_accum):
-        total += task.work_flops(fm, task.collate(next(stream)))
+    for step in trip_steps(data, cfg, seed, dpsgd):
+        for samples in step:
+            total += task.work_flops(fm, task.collate(samples))
     return total
 
 
@@ -80,7 +83,7 @@ def plan_trip(ctx: Context, work: ClientWork, upload_shape: State) -> TripPlan:
     """Bytes and FLOPs of ``work`` from shapes alone; ``upload_shape`` is what the chain and the
     strategy's upload make of the start adapter (same names, shapes and dtypes as the real update)."""
     data = ctx.data.clients[work.client].train
-    flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.task)
+    flops = planned_train_flops(data, work.train, work.seed, ctx.flops, ctx.task, work.dpsgd)
     if work.candidates:
         down = sum(len(serialize(a)) for a in work.candidates.values())
         flops += probe_flops(data[:PROBE_EXAMPLES], ctx.flops, len(work.candidates), ctx.task)
@@ -108,5 +111,5 @@ class LocalExecutor:
             name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
             start, probed = work.candidates[name], probe.flops
         upd = local_train(ctx.model, start, ctx.data.clients[work.client].train, work.train, work.prox_mu, work.seed,
-                          ctx.pad_id, ctx.flops, client=work.client, task=ctx.task)
+                          ctx.pad_id, ctx.flops, client=work.client, task=ctx.task, dpsgd=work.dpsgd)
         return ClientResult(replace(upd, adapter=name), start, probed)

@@ -42,7 +42,7 @@ def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train
     strategy = ctx.strategy
     name, start, payload = strategy.dispatch(k, state, version)
     return ClientWork(k, version, name, start, payload, strategy.candidates(k, state, version), strategy.base_delta(state),
-                      seed, train or ctx.cfg.train, strategy.prox_mu)
+                      seed, train or ctx.cfg.train, strategy.prox_mu, ctx.privacy.dpsgd() if ctx.privacy is not None else None)
 
 
 def uplink(ctx: Context, state: State, k: int, version: int, trained: State, start: State, seed: int = 0) -> State:

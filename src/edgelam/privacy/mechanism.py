@@ -21,6 +21,7 @@ from edgelam.fl.transforms import Clip, Trip
 from edgelam.privacy import accountant as acc
 from edgelam.privacy.dp import ClientDP, add_noise, default_delta, edge_sigma, expected_trips, gaussian_noise, noised_mean
 from edgelam.privacy.dp import poisson_select
+from edgelam.privacy.dpsgd import DPSGD
 from edgelam.store import Purpose, torch_seed_for
 
 State = dict[str, Tensor]
@@ -108,6 +109,10 @@ class Privacy:
         self.excluded = tuple(cfg.privacy.unlearn.exclude)
 
     # --- the client side ---
+
+    def dpsgd(self) -> DPSGD | None:
+        """DP-SGD's settings for each client's trip (``privacy/dpsgd.py``), None unless mode sample."""
+        return DPSGD(self.dp.sigma, self.dp.clip) if self.dp.mode == "sample" else None
 
     def transforms(self) -> list[Any]:
         """Prepended to ``fl.uplink``: clip to C; local mode also noises; DP-SGD adds none."""
