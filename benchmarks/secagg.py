@@ -9,8 +9,12 @@ scale): SecAgg's work does not depend on the values. Each of ``--repeats`` runs 
 ``secure_sum`` of ``--clients`` clients with threshold ``--threshold``, once per ``--drops`` value
 (clients silent after ShareKeys: the server then reconstructs their keys and removes their pairwise
 masks). Reported: median and min..max over clients and repeats; ``--train-seconds`` is one client's
-local training time for the round, measured by the team (e.g. ``benchmarks/client_step.py``).
+local training time for the round; ``--measure-train`` measures it here instead, in the same
+process, alternating with the SecAgg runs: SmolLM2-135M (bundled) with LoRA r = 8 on q/v,
+``local_train`` for 4 steps of batch 4 x 128 tokens (``benchmarks/client_step.py``'s setting),
+and checks that the real adapter has the size the shapes give.
 
+    .venv/bin/python benchmarks/secagg.py --measure-train
     .venv/bin/python benchmarks/secagg.py --train-seconds 12.4
     .venv/bin/python benchmarks/secagg.py --repeats 1 --out /tmp/secagg.json
 """
@@ -97,6 +101,37 @@ def run_scenario(dim: int, n: int, params: SecAggParams, drops: int, repeats: in
     }
 
 
+class Trainer:
+    """One SmolLM2 client's local training (EdgeLAM's ``local_train``), timed per call."""
+
+    def __init__(self, steps: int = 4, batch: int = 4, seq: int = 128) -> None:
+        import torch
+
+        from edgelam.config import LoraConfig as LoraSettings
+        from edgelam.config import TrainConfig
+        from edgelam.data.format import Encoded
+        from edgelam.models.flops import flop_model
+        from edgelam.models.load import load_base
+        from edgelam.models.lora import attach_lora, get_adapter_state
+
+        base = load_base("smollm2", "float32", 0)
+        self.model = attach_lora(base.model, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj")),
+                                 seed=0)
+        self.init = get_adapter_state(self.model)
+        self.params = sum(t.numel() for t in self.init.values())
+        ids = torch.randint(0, len(base.tokenizer) - 1, (batch, seq), generator=torch.Generator().manual_seed(0))
+        self.data = [Encoded(tuple(row.tolist()), tuple(row.tolist()), "bench") for row in ids]
+        self.train = TrainConfig(local_steps=steps, batch_size=batch, lr=1e-4, max_grad_norm=1.0)
+        self.fm = flop_model(self.model)
+
+    def __call__(self) -> float:
+        from edgelam.fl.client import local_train
+
+        t = time.perf_counter()
+        local_train(self.model, self.init, self.data, self.train, 0.0, seed=0, pad_id=0, fm=self.fm)
+        return time.perf_counter() - t
+
+
 def print_table(report: dict[str, Any]) -> None:
     train_s = report["train_seconds"]
     for sc in report["scenarios"]:
@@ -125,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--drops", type=int, nargs="+", default=[0, 2], help="clients silent after ShareKeys")
     ap.add_argument("--train-seconds", type=float, default=None, help="one client's local training time per round")
+    ap.add_argument("--measure-train", action="store_true", help="time SmolLM2 local training here (repeats + 1 runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/secagg.json")
     args = ap.parse_args(argv)
@@ -132,12 +168,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--repeats must be >= 1 (got {args.repeats})")
     shape = LoraShape()
     params = SecAggParams(threshold=args.threshold, bits=args.bits, clip=args.clip)
+    train_runs: list[float] = []
+    if args.measure_train:
+        trainer = Trainer()
+        if trainer.params != shape.params():
+            raise SystemExit(f"the real SmolLM2 adapter has {trainer.params} values, the shapes give {shape.params()}")
+        trainer()  # warm-up, dropped
+        for rep in range(args.repeats):  # alternate training with a SecAgg run, so drift hits both
+            train_runs.append(trainer())
+            run_scenario(shape.params(), args.clients, params, 0, 1, args.seed + 100 + rep)
+        args.train_seconds = statistics.median(train_runs)
     report = {
         "date": datetime.date.today().isoformat(), "machine": machine(),
         "command": shlex.join([sys.executable, *sys.argv]),
         "model": "SmolLM2-135M", "lora": {**shape.__dict__, "targets": ["q_proj", "v_proj"]},
         "dim": shape.params(), "clients": args.clients, "threshold": args.threshold, "bits": args.bits,
         "clip": args.clip, "repeats": args.repeats, "train_seconds": args.train_seconds,
+        "train_runs_s": train_runs,
         "scenarios": [run_scenario(shape.params(), args.clients, params, d, args.repeats, args.seed)
                       for d in args.drops],
     }

@@ -1,4 +1,4 @@
-"""The ``edgelam`` command: run | sweep | ls | plot | serve | infer | gateway | data. Each subcommand is a
+"""The ``edgelam`` command: run | sweep | unlearn | ls | plot | serve | infer | gateway | data. Each subcommand is a
 typed function, usable from Python too."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from edgelam.config_load import load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
 from edgelam.cli_common import _guard, _split_args, console, err  # noqa: F401 (the Python API uses them from here)
+from edgelam.cli_unlearn import unlearn_cmd
 
 def _configs_dir() -> Path:
     """The shipped configs: ./configs when run from a checkout, else beside the source tree."""
@@ -125,6 +126,9 @@ def sweep_cmd(
         console.print(f"wrote {run_sweep(sweep_file, target, lambda cfg, d, resume: run_with_progress(_resolve(cfg), d, resume))}")
 
     _guard(go)
+
+
+app.command("unlearn")(unlearn_cmd)  # cli_unlearn.py
 
 
 @app.command("ls")

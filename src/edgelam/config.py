@@ -386,6 +386,8 @@ class RunConfig:
                      "secure aggregation hides. Use fedavg, fedprox, fedavgm, fedadam, rescluster or hierfavg", s)
             _require(self.fl.aggregator == "mean", "fl.aggregator", "must be mean with secure aggregation (the server "
                      "learns only the sum)", self.fl.aggregator)
+            _require(not p.unlearn.store_updates, "privacy.unlearn.store_updates", "would keep every client's own "
+                     "update, exactly what secure aggregation hides; turn one of them off", True)
             _require(self.fl.deadline_s is None, "fl.deadline_s", "cannot be combined with secure aggregation here "
                      "(use privacy.secagg.dropout to model clients that go silent)", self.fl.deadline_s)
             cohort = max(1, int(self.fl.fraction * n + 0.5))

@@ -58,6 +58,8 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
     t0 = time.perf_counter()
     config = config_to_dict(cfg)
     folder = RunFolder.open(out, config) if resume else RunFolder.create(out, config)
+    folder.keep_rounds = cfg.privacy.unlearn.checkpoints == "every"  # state/rounds/<r> (unlearning by rollback)
+    folder.store_updates = cfg.privacy.unlearn.store_updates  # state/updates/<r> (FedEraser)
     driver = driver_for(cfg)
     try:
         st = folder.resume(driver.initial_state)
@@ -72,12 +74,13 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
             on_start(st.round, cfg.fl.rounds)
 
         def commit(row: dict[str, Any]) -> None:
+            updates = row.pop("_updates", None)  # tensors (synchronous rounds): kept apart, never in the JSON row
             due = st.round % cfg.eval.every == 0 or st.round == cfg.fl.rounds
             row |= driver.evaluate(st) if due else {"eval_loss": None, "eval_ppl": None, "eval_tasks": None}
             diagnostics = driver.diagnostics(st)
             if diagnostics:
                 row["diagnostics"] = diagnostics
-            folder.commit(st, row)
+            folder.commit(st, row, updates)
             if on_round:
                 on_round(row)
 
@@ -85,6 +88,15 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
         return finish(cfg, st, folder, driver.outputs(st, folder), wall())
     finally:
         driver.close()
+
+
+def fork(cfg: RunConfig, src: Path, round_idx: int, out: Path, on_round: Commit | None = None,
+         on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Continue the run ``src`` from its round-``round_idx`` checkpoint (``privacy.unlearn.checkpoints:
+    every``) into the new folder ``out`` under ``cfg``, which may exclude clients that had not taken
+    part by then (``rundir.RunFolder.fork``); returns the summary."""
+    RunFolder.fork(src, round_idx, out, config_to_dict(cfg))
+    return run(cfg, out, resume=True, on_round=on_round, on_start=on_start)
 
 
 def task_metrics(first: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:

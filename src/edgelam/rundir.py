@@ -4,12 +4,16 @@
     <out>/metrics.jsonl                 one row per round, round 0 first; appended and fsync'd
     <out>/state/checkpoint.safetensors  the RunState after the last committed round, with the
                                         config it was made under (a resume refuses another one)
+    <out>/state/rounds/<r>.safetensors  the same after round r (privacy.unlearn.checkpoints: every)
+    <out>/state/updates/<r>.safetensors each client's start and received adapter of round r
+                                        (privacy.unlearn.store_updates; synchronous rounds)
     <out>/adapter/ | adapters/<name>/   PEFT-format adapters, swapped in whole
     <out>/summary.json, plots/          written at the end
 
-The commit order is: append the row (fsync), then the checkpoint. A run killed at any point
-resumes from the checkpoint and drops the rows past it; a row missing before it, a damaged row
-or a changed config is refused with one line naming the problem, and no file is touched.
+The commit order is: the round's updates, the row (fsync), the round's checkpoint, the checkpoint.
+A run killed at any point resumes from the checkpoint and drops the rows past it; a row missing
+before it, a damaged row or a changed config is refused with one line naming the problem, and no
+file is touched.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 # Settings a resumed run may change: how far it goes and what it prints at the end.
 RESUMABLE_KEYS = ("fl.rounds", "threads", "eval.generate", "eval.max_new_tokens")
+# A fork (``RunFolder.fork``) may also add clients to the exclusion: its rounds up to the fork never
+# selected them, and exclusion drops them from the same selection draws, so those rounds are what a
+# run started with the new exclusion computes (``fork`` checks the rows); later rounds run without them.
+FORKABLE_KEYS = (*RESUMABLE_KEYS, "privacy.unlearn.exclude")
+ROUNDS = "state/rounds"
+UPDATES = "state/updates"
 
 State = dict[str, Tensor]
 
@@ -79,18 +89,18 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def pinned(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must keep, flattened to dotted keys."""
-    return {k: v for k, v in _flat(config).items() if k not in RESUMABLE_KEYS}
+def pinned(config: dict[str, Any], free: tuple[str, ...] = RESUMABLE_KEYS) -> dict[str, Any]:
+    """The settings a resumed run must keep (all but ``free``), flattened to dotted keys."""
+    return {k: v for k, v in _flat(config).items() if k not in free}
 
 
 def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(pinned(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_drift(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def config_drift(saved: dict[str, Any], now: dict[str, Any], free: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
     """'key: old -> new' for every pinned setting that differs."""
-    a, b = pinned(saved), pinned(now)
+    a, b = pinned(saved, free), pinned(now, free)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -121,6 +131,51 @@ def load_checkpoint(path: Path) -> tuple[RunState, dict[str, Any] | None]:
     part = {p: {k: part[p][k] for k in order.get(p, [])} | part[p] for p in part}
     st = RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
     return st, meta.get("config")
+
+
+def round_file(round_idx: int) -> str:
+    return f"{ROUNDS}/{round_idx:05d}.safetensors"
+
+
+def updates_file(round_idx: int) -> str:
+    return f"{UPDATES}/{round_idx:05d}.safetensors"
+
+
+def kept_rounds(path: Path) -> list[int]:
+    """The rounds whose checkpoint ``path`` (a run folder) kept under state/rounds/, in order."""
+    folder = path / ROUNDS
+    return sorted(int(p.stem) for p in folder.glob("*.safetensors") if p.stem.isdigit()) if folder.is_dir() else []
+
+
+# --- stored updates (privacy.unlearn.store_updates) ---
+
+Updates = dict[int, tuple[State, State]]  # client -> (adapter it started from, adapter the server received)
+
+
+def updates_bytes(updates: Updates) -> bytes:
+    """Keys ``<client>.start.<name>`` and ``<client>.update.<name>``; the names' order is kept."""
+    tensors: State = {}
+    order: dict[str, list[str]] = {}
+    for k in sorted(updates):
+        for part, adapter in zip(("start", "update"), updates[k]):
+            tensors |= {f"{k}.{part}.{n}": v.detach().contiguous().clone() for n, v in adapter.items()}
+            order[f"{k}.{part}"] = list(adapter)
+    return save(tensors, metadata={"edgelam": json.dumps({"clients": sorted(updates), "order": order})})
+
+
+def load_updates(path: Path) -> Updates:
+    """What ``updates_bytes`` wrote: client -> (start, received), in client order."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["edgelam"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{path} is damaged or missing ({type(exc).__name__}: {exc})") from None
+
+    def part(k: int, name: str) -> State:
+        return {n: tensors[f"{k}.{name}.{n}"] for n in meta["order"][f"{k}.{name}"]}
+
+    return {int(k): (part(k, "start"), part(k, "update")) for k in meta["clients"]}
 
 
 # --- metrics rows ---
@@ -171,6 +226,37 @@ def check_finite(row: dict[str, Any]) -> None:
             f"saved. Lower train.lr or set train.max_grad_norm, and start a new run")
 
 
+def _excluded(config: dict[str, Any]) -> set[int]:
+    return set(config.get("privacy", {}).get("unlearn", {}).get("exclude", []))
+
+
+def _check_exclusion(rows: list[dict[str, Any]], config: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse a fork that takes a client out of the exclusion, or newly excludes one its rows include
+    (trained, or dropped: a dropped client still held a share of the band that round)."""
+    back = _excluded(saved) - _excluded(config)
+    if back:
+        raise RunFolderError(f"a fork may add clients to privacy.unlearn.exclude, not take client {min(back)} out: the "
+                             f"rounds before the fork ran without it. Start a new run instead")
+    new = _excluded(config) - _excluded(saved)
+    for r in rows:
+        seen = new & set(r.get("clients", []) + r.get("dropped", []))
+        if seen:
+            raise RunFolderError(f"client {min(seen)} took part in round {r['round']}, so a fork after that round "
+                                 f"cannot exclude it; fork from a round before it")
+
+
+def _copy_rounds(src: Path, out: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """Rows, kept round checkpoints (re-saved under ``config``) and stored updates up to the fork."""
+    atomic_write_text(out / METRICS, "".join(to_json_line(json_safe(r)) + "\n" for r in rows))
+    last = rows[-1]["round"]
+    for r in kept_rounds(src):
+        if r <= last:
+            save_checkpoint(out / round_file(r), load_checkpoint(src / round_file(r))[0], config)
+    for r in range(last + 1):
+        if (src / updates_file(r)).is_file():
+            atomic_write_bytes(out / updates_file(r), (src / updates_file(r)).read_bytes())
+
+
 class RunFolder:
     """One run's folder. ``create`` for a new run, ``open`` to resume; then ``start``, ``commit``
     per round, ``replace_dir`` for adapters and ``write_summary`` at the end."""
@@ -178,6 +264,8 @@ class RunFolder:
     def __init__(self, path: Path, config: dict[str, Any]) -> None:
         self.path, self.config = path, config
         self.rows: list[dict[str, Any]] = []
+        self.keep_rounds = False  # privacy.unlearn.checkpoints: every (set by the lifecycle)
+        self.store_updates = False  # privacy.unlearn.store_updates
 
     @classmethod
     def create(cls, path: Path, config: dict[str, Any]) -> "RunFolder":
@@ -251,11 +339,45 @@ class RunFolder:
     def checkpoint(self, st: RunState) -> None:
         self._write(lambda: save_checkpoint(self.path / CHECKPOINT, st, self.config))
 
-    def commit(self, st: RunState, row: dict[str, Any]) -> None:
-        """A finished round: refuse NaN losses, then the row, then the checkpoint."""
+    def commit(self, st: RunState, row: dict[str, Any], updates: Updates | None = None) -> None:
+        """A finished round: refuse NaN losses, then the round's updates (if kept), the row, the
+        round's checkpoint (if kept), then the checkpoint. The checkpoint comes last, so a run killed
+        before it recomputes the round and rewrites the round's files identically."""
         check_finite(row)
+        if self.store_updates and updates is not None:
+            self.write_bytes(updates_file(st.round), updates_bytes(updates))
         self.append(row)
+        if self.keep_rounds:
+            self._write(lambda: save_checkpoint(self.path / round_file(st.round), st, self.config))
         self.checkpoint(st)
+
+    # --- fork ---
+
+    @classmethod
+    def fork(cls, src: Path, round_idx: int, out: Path, config: dict[str, Any]) -> "RunFolder":
+        """A new run folder ``out`` holding ``src`` as it was after round ``round_idx`` (rows, round
+        checkpoints, stored updates) under ``config``, which may differ in FORKABLE_KEYS only (see
+        there); ``lifecycle.run(..., resume=True)`` continues it."""
+        ckpt = src / round_file(round_idx)
+        if not (src / CONFIG).is_file():
+            raise RunFolderError(f"{src}: no config.yaml there; is it an EdgeLAM run folder?")
+        if not ckpt.is_file():
+            raise RunFolderError(f"{src} kept no checkpoint of round {round_idx} ({ckpt}); a run keeps one per round "
+                                 f"with privacy.unlearn.checkpoints: every")
+        st, saved = load_checkpoint(ckpt)
+        drift = config_drift(saved or {}, config, FORKABLE_KEYS)
+        if drift:
+            raise RunFolderError(f"a fork of {src} may change only {', '.join(FORKABLE_KEYS)}; this config also changes "
+                                 f"{'; '.join(drift[:4])}")
+        rows = [r for r in read_rows(src / METRICS)[0] if r["round"] <= round_idx]
+        if [r["round"] for r in rows] != list(range(round_idx + 1)):
+            raise RunFolderError(f"{src / METRICS} lacks rows of rounds 0..{round_idx}; it cannot be forked there")
+        _check_exclusion(rows, config, saved or {})
+        folder = cls.create(out, config)
+        folder._write(lambda: _copy_rounds(src, out, rows, config))
+        folder.checkpoint(st)
+        folder.rows = rows
+        return folder
 
     # --- outputs ---
 
