@@ -155,3 +155,30 @@ def test_dpsgd_delta_is_checked_against_the_smallest_client(repo):
     with pytest.raises(ConfigError, match="smallest client"):
         FLDriver(cfg)
     assert math.isfinite(acc.epsilon({(0.1, 1.0): 10}, 1e-5))
+
+
+@pytest.mark.parametrize("overrides, parties", [
+    (["fl.strategy=rescluster", "fl.cluster.num_clusters=2"], {"all", "c0", "c1"}),  # per-cluster accounting
+    (["fl.strategy=hierfavg", "net.num_edge_servers=2"], {"all"}),  # noise at each edge: sigma / sqrt(kappa2)
+    (["fl.strategy=hierfavg", "privacy.dp.noise_at=cloud", "fl.hier.kappa2=1"], {"all"}),
+    (["fl.strategy=fedasync", "privacy.dp.mode=local"], None),  # every upload of every device
+])
+def test_dp_with_clustered_hierarchical_and_async_schemes(repo, tmp_path, overrides, parties):
+    cfg = load_config(repo / "configs/tiny_dp.yaml", [*SMALL, "fl.rounds=1", "fl.fraction=1", "train.local_steps=1",
+                                                     "fl.hier.kappa1=1", "privacy.dp.target_epsilon=null",
+                                                     "privacy.dp.noise_multiplier=1.5", *overrides])
+    run(cfg, tmp_path / "run")
+    rows, ledger = read_jsonl(tmp_path / "run" / "metrics.jsonl"), ledger_of(tmp_path / "run")
+    p = rows[-1]["privacy"]
+    if parties is None:  # local DP: one Gaussian step per upload, per client
+        uploads = [c["client"] for r in rows[1:] for c in r["client_stats"]]
+        assert sum(sum(s.values()) for s in ledger.values()) == len(uploads)
+        assert p["epsilon_clients"]["count"] == len(set(uploads))
+        return
+    assert set(ledger) == parties
+    sigma = 1.5 / math.sqrt(cfg.fl.hier.kappa2) if "hierfavg" in overrides[0] and "cloud" not in str(overrides) else 1.5
+    [((q, s), count)] = ledger["all"].items()
+    assert q == 1.0 and s == pytest.approx(sigma) and count == 1
+    assert p["epsilon"] == pytest.approx(acc.epsilon({(1.0, sigma): 1}, p["delta"]))
+    if "c1" in parties:
+        assert set(p["epsilon_per_cluster"]) == {"c0", "c1"}
