@@ -16,6 +16,7 @@ from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
 from edgelam.config_checks import require as _require
 from edgelam.config_schemes import (
+    AttackConfig,
     AsyncConfig,
     ClusterConfig,
     HierConfig,
@@ -209,14 +210,24 @@ class FLConfig:
     deadline_s: float | None = None
     # how a set of client states becomes one, at every aggregation site (fl/aggregate.py REDUCERS):
     # mean (weighted by samples) | median | trimmed_mean (coordinate-wise, Yin et al. 2018; unweighted)
+    # | krum | multi_krum (Blanchard et al. 2017: the update(s) closest to their n - f - 2 neighbours)
     aggregator: str = "mean"
+    byzantine: int = 0  # krum / multi_krum: f, the malicious updates an aggregation tolerates
     # transforms on each client's update before it is sent, in order (fl/transforms.py): clip | float16
     uplink: tuple[str, ...] = ()
     clip_norm: float = 1.0  # clip: the largest L2 norm of a client's delta (update - start)
+    # the server's gate on every received update (fl/validate.py): names, shapes, dtypes and finite
+    # values are checked, an update failing is rejected with its reason; norm_bound: a received delta
+    # longer than this is scaled down to it (server-side norm bounding, Sun et al. 2019); null: off
+    norm_bound: float | None = None
+    attack: AttackConfig = field(default_factory=AttackConfig)  # malicious clients (fl/attacks.py)
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, "fl.strategy", list(STRATEGY_DRIVERS))
-        _one_of(self.aggregator, "fl.aggregator", ["mean", "median", "trimmed_mean"])
+        _one_of(self.aggregator, "fl.aggregator", ["mean", "median", "trimmed_mean", "krum", "multi_krum"])
+        _require(self.byzantine >= 0, "fl.byzantine", "must be >= 0", self.byzantine)
+        if self.norm_bound is not None:
+            _require(self.norm_bound > 0, "fl.norm_bound", "must be > 0 or null", self.norm_bound)
         for i, name in enumerate(self.uplink):
             _one_of(name, f"fl.uplink[{i}]", ["clip", "float16"])
         _require(len(set(self.uplink)) == len(self.uplink), "fl.uplink", "must not repeat a transform", list(self.uplink))

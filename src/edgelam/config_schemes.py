@@ -119,3 +119,22 @@ class SplitConfig:
         _require(self.server_flops_per_s > 0, "split.server_flops_per_s", "must be > 0", self.server_flops_per_s)
         if self.cut is not None:
             _require(0 <= self.cut[0] <= self.cut[1], "split.cut", "must be [a, b] with 0 <= a <= b", list(self.cut))
+
+
+ATTACKS = ("none", "sign_flip", "scaling", "gaussian")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Malicious clients (model poisoning, ``fl/attacks.py``): a seeded ``fraction`` of the clients
+    replace what they send. sign_flip: start - scale * delta; scaling (model replacement): start +
+    scale * delta; gaussian: start + N(0, scale^2) per coordinate. They skip the honest uplink."""
+
+    kind: str = "none"
+    fraction: float = 0.0  # share of the clients that are malicious
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "fl.attack.kind", ATTACKS)
+        _require(0 <= self.fraction < 1, "fl.attack.fraction", "must be in [0, 1)", self.fraction)
+        _require(self.scale > 0, "fl.attack.scale", "must be > 0", self.scale)

@@ -79,6 +79,7 @@ class Purpose(IntEnum):
     EDGE_FADING = 7  # (round, edge, edge round): hierarchical device links
     DP_NOISE = 60  # differential privacy's Gaussian noise (privacy/mechanism.py keys its own draws)
     SECAGG = 61  # (round, edge): secure aggregation's client secrets and who goes silent
+    ATTACK = 62  # malicious clients (fl/attacks.py): who they are, their noise
     SPLIT_DROPOUT = 5  # (round): dropout during a split round's steps (alias, see above)
     SPLIT_SCHEDULE = 6  # (round): the random baseline scheduler (alias, see above)
     CLASS_POOL = 20  # classification data: the training pool

@@ -76,9 +76,41 @@ def trimmed_mean(states: Sequence[State], weights: Sequence[float], trim: float 
     return out
 
 
+def krum_scores(states: Sequence[State], f: int) -> list[float]:
+    """Krum's score of each update (Blanchard et al., NeurIPS 2017, eq. 3): the sum of squared L2
+    distances to its n - f - 2 nearest other updates, over the whole flattened state (every LoRA
+    factor, as the clients sent them)."""
+    n = len(states)
+    if n - f - 2 < 1:
+        raise ValueError(f"Krum needs n > f + 2 updates (got n = {n}, f = {f}); lower fl.byzantine or select more clients")
+    x = torch.stack([torch.cat([s[k].double().reshape(-1) for k in sorted(s)]) for s in states])  # (n, d)
+    d2 = torch.cdist(x, x).pow(2)  # (n, n)
+    return [float(torch.sort(torch.cat([d2[i, :i], d2[i, i + 1:]])).values[: n - f - 2].sum()) for i in range(n)]
+
+
+def multi_krum(states: Sequence[State], weights: Sequence[float], f: int = 0, m: int | None = None) -> State:
+    """Multi-Krum (Blanchard et al. 2017, sec. 4): the sample-weighted mean of the m updates with the
+    lowest Krum scores (m = n - f by default; m = 1 is Krum itself). f: the number of Byzantine
+    updates tolerated (``fl.byzantine``)."""
+    _check(states, weights)
+    scores = krum_scores(states, f)
+    keep = sorted(range(len(states)), key=lambda i: (scores[i], i))[: m or len(states) - f]
+    return weighted_average([states[i] for i in keep], [weights[i] for i in keep])
+
+
 REDUCERS: dict[str, Reduce] = {
     "mean": weighted_average, "median": coordinate_median, "trimmed_mean": trimmed_mean,
+    "krum": lambda s, w: multi_krum(s, w, 0, 1), "multi_krum": multi_krum,
 }
+
+
+def reducer(name: str, byzantine: int = 0) -> Reduce:
+    """``fl.aggregator`` as a reduce; Krum and Multi-Krum tolerate ``fl.byzantine`` bad updates."""
+    if name == "krum":
+        return lambda s, w: multi_krum(s, w, byzantine, 1)
+    if name == "multi_krum":
+        return lambda s, w: multi_krum(s, w, byzantine)
+    return REDUCERS[name]
 
 
 def pseudo_gradient(global_state: State, average: State) -> State:

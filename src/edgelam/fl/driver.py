@@ -21,6 +21,7 @@ from edgelam.config import RunConfig
 from edgelam.fl.context import Context, baseline_row, evaluate, population, setup, task_adapters
 from edgelam.fl.evaluate import generate_answers
 from edgelam.fl.executor import LocalExecutor
+from edgelam.fl.attacks import build_attack
 from edgelam.fl.transforms import build_chain
 from edgelam.fl.events import run_async
 from edgelam.fl.hierarchy import HierResult, run_hier_round
@@ -48,7 +49,8 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
         backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
-        row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0))
+        row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0),
+                          rejected=res.rejected)
         if res.secagg is not None:
             row["secagg"] = res.secagg
         st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
@@ -113,7 +115,8 @@ class FLDriver:
             facts = Facts(population(ctx).latency_s, [len(c.train) for c in ctx.data.clients],
                           [k for k in active if k not in cfg.privacy.unlearn.exclude])
             ctx.privacy = Privacy(cfg, facts, ctx.strategy.driver)
-        ctx.chain = (ctx.privacy.transforms() if ctx.privacy else []) + build_chain(cfg.fl)
+        ctx.chain = ((ctx.privacy.transforms() if ctx.privacy else []) + build_chain(cfg.fl)
+                     + build_attack(cfg.fl.attack, len(ctx.data.clients), cfg.seed))  # malicious clients send last
         ctx.executor = LocalExecutor(ctx)
 
     def initial_state(self) -> RunState:

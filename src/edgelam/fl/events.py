@@ -81,6 +81,7 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     env = simpy.Environment(initial_time=st.sim_time_s)
     inbox = simpy.Store(env)
     pending: list[tuple[Job, int]] = []  # arrivals since the last version, with their staleness
+    rejects: list[Job] = []  # arrivals the gate refused since the last version
 
     def trip(k: int, job: Job | None = None):  # type: ignore[no-untyped-def]
         job = job or _dispatch(ctx, st, k, counts, share, env.now)
@@ -90,7 +91,9 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
         yield inbox.put(job)
 
     def new_version() -> None:
-        row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(), staleness=[s for _, s in pending])
+        row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(), staleness=[s for _, s in pending],
+                          rejected=list(rejects))
+        rejects.clear()
         if privacy is not None:
             privacy.record_async(ledger, [(j.client, strategy.dp_weight(s)) for j, s in pending])
         st.round, st.sim_time_s = st.round + 1, float(env.now)
@@ -104,6 +107,10 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     def server():  # type: ignore[no-untyped-def]
         while st.round < rounds:
             job: Job = yield inbox.get()
+            if job.rejected:  # refused by the server's gate (fl/validate.py): charged, never folded in
+                rejects.append(job)
+                env.process(trip(job.client))
+                continue
             staleness = st.round - job.version
             update, start = job.update, job.start
             if update.unsent:  # what the client did not train: no change, against the server's state now

@@ -82,6 +82,11 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, Purpose.EDGE_FADING, round_idx, e, t))
             seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t) for k in devices}
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
+            jobs.extend(j for j in trips if j.rejected)  # refused by the edge's gate: charged, not averaged
+            trips = [j for j in trips if not j.rejected]
+            if not trips:
+                yield env.timeout(max(j.cost.total_s for j in jobs[-len(devices):]))
+                continue
             if secure:  # SecAgg at the edge: the edge server learns only its devices' sum
                 outcome = secure_round(ctx, trips, links, round_idx, edge=1000 * (1 + t) + e, population=attached[e])
                 jobs.extend([*outcome.jobs, *outcome.dropped])
@@ -102,7 +107,7 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
         backhaul[0] += size
         yield env.timeout(backhaul_s(size))
         key_samples = {} if secure else {key: sum(j.update.num_samples for j in trips if key not in j.update.unsent)
-                                         for key in frozenset.union(*[j.update.unsent for j in trips])}
+                                         for key in frozenset().union(*(j.update.unsent for j in trips))}
         # under DP the cloud weighs an edge by the devices it serves (public), not by who took part
         weight = attached[e] if ctx.privacy is not None else sum(len(ctx.data.clients[k].train) for k in devices)
         edge_updates[e] = EdgeUpdate(e, model, weight, key_samples=key_samples)

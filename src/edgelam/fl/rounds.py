@@ -16,6 +16,7 @@ from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
 from edgelam.fl.transforms import Trip, apply_chain, to_server
+from edgelam.fl.validate import bound, rejection
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
 from edgelam.models.lora import serialize
@@ -35,6 +36,7 @@ class Job:
     update: ClientUpdate
     cost: ClientCost
     arrival_s: float
+    rejected: str = ""  # why the server's gate refused the update (fl/validate.py); "" = accepted
 
 
 def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train: TrainConfig | None = None) -> ClientWork:
@@ -58,25 +60,27 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     upload depends on the trained values (HetLoRA's rank self-pruning) may send less, and the
     trip is priced with what it sent."""
     works = [make_work(ctx, state, version, k, seeds[k], train) for k in ks]
-    plans = []
+    plans, planned = [], []
     for w in works:
         shape = w.candidates[min(w.candidates)] if w.candidates else w.start
-        plans.append(plan_trip(ctx, w, uplink(ctx, state, w.client, version, shape, shape)))
+        planned.append(uplink(ctx, state, w.client, version, shape, shape))
+        plans.append(plan_trip(ctx, w, planned[-1]))
     results = (ctx.executor or LocalExecutor(ctx)).run(works)
     jobs = []
-    for w, plan, res in zip(works, plans, results):
+    for w, plan, shape, res in zip(works, plans, planned, results):
         k = w.client
         sent = uplink(ctx, state, k, version, res.update.state, res.start, w.seed)
+        rejected = rejection(sent, shape) or ""  # the server's gate (fl/validate.py)
         got = (len(serialize(sent)), res.update.flops + res.probe_flops)
-        if got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9):
+        if not rejected and (got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9)):
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
                                f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
         cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0], plan.flops)
         # the server sees only what crossed; what the client did not train (``unsent``) it keeps at the start
         # value here, and a synchronous round's reduce takes from the clients that sent it (fill_unsent)
-        got_state = to_server(sent, res.start) | {k: res.start[k] for k in res.update.unsent}
-        upd = dataclasses.replace(res.update, state=got_state)
-        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s))
+        got_state = res.start if rejected else bound(to_server(sent, res.start), res.start, ctx.cfg.fl.norm_bound)
+        upd = dataclasses.replace(res.update, state=got_state | {k: res.start[k] for k in res.update.unsent})
+        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected))
     return jobs
 
 
@@ -158,6 +162,7 @@ class RoundResult:
     end_time_s: float
     released: list[Any] | None = None  # secure aggregation: the unmasked aggregate per adapter ([]: failed)
     secagg: dict[str, Any] | None = None  # the metrics line's ``secagg`` block
+    rejected: list[Job] = dataclasses.field(default_factory=list)  # arrived, refused by the gate (charged)
 
 
 def secure_cohort(ctx: Context, st: RunState, jobs: Sequence[Job], links: dict[int, LinkState], round_idx: int,
@@ -206,25 +211,25 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
     unmask_s = max((o.unmask_s for o in secure), default=0.0)
     if unmask_s > 0:  # the Unmasking round, after the last masked update
         env.run(until=env.now + unmask_s)
-    done = [jobs[k] for k in selected if k in arrived]
+    done = [jobs[k] for k in selected if k in arrived and not jobs[k].rejected]
     released = [r for o in secure for r in o.released] if secure else None
     return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now), released,
-                       merge_reports(secure) if secure else None)
+                       merge_reports(secure) if secure else None, [jobs[k] for k in selected if k in arrived and jobs[k].rejected])
 
 
 def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,
                 dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None,
-                backhaul: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+                backhaul: tuple[int, int] = (0, 0), rejected: Sequence[Job] = ()) -> dict[str, Any]:
     """One metrics line. Dropped clients are charged their download and compute, not an upload.
     ``backhaul`` is (bytes up, bytes down) over the wired edge-cloud links this round."""
     stale = list(staleness) if staleness is not None else [0] * len(jobs)
     ups = [j.update for j in jobs]
     n = sum(u.num_samples for u in ups)
     step = {
-        "bytes_up": sum(j.cost.bytes_up for j in jobs),
-        "bytes_down": sum(j.cost.bytes_down for j in [*jobs, *dropped]),
+        "bytes_up": sum(j.cost.bytes_up for j in [*jobs, *rejected]),
+        "bytes_down": sum(j.cost.bytes_down for j in [*jobs, *dropped, *rejected]),
         "bytes_backhaul_up": backhaul[0], "bytes_backhaul_down": backhaul[1],
-        "energy_j": sum(j.cost.e_tx_j + j.cost.e_comp_j for j in jobs) + sum(j.cost.e_comp_j for j in dropped),
+        "energy_j": sum(j.cost.e_tx_j + j.cost.e_comp_j for j in [*jobs, *rejected]) + sum(j.cost.e_comp_j for j in dropped),
     }
     st.totals = {k: st.totals.get(k, 0) + v for k, v in step.items()}
     return {
@@ -232,6 +237,7 @@ def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: f
         "train_loss": sum(u.train_loss * u.num_samples for u in ups) / n if n else None,
         **step, **{f"{k}_total": v for k, v in st.totals.items()},
         "clients": [u.client for u in ups], "dropped": [j.client for j in dropped],
+        **({"rejected": [{"client": j.client, "reason": j.rejected} for j in rejected]} if rejected else {}),
         "client_stats": [{
             "client": j.client, "adapter": j.update.adapter, "samples": j.update.num_samples,
             "train_loss": j.update.train_loss, "steps": j.update.steps, "tokens": j.update.tokens, "flops": j.update.flops,

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from edgelam.config import RunConfig
-from edgelam.fl.aggregate import REDUCERS
+from edgelam.fl.aggregate import reducer
 from edgelam.fl.strategies.cfl import CFL
 from edgelam.fl.strategies.fedadam import FedAdam
 from edgelam.fl.strategies.fedasync import FedAsync
@@ -67,4 +67,4 @@ DESCRIPTIONS: dict[str, str] = {
 def build_strategy(cfg: RunConfig) -> Any:
     """The configured strategy, aggregating with ``fl.aggregator``."""
     strategy = STRATEGIES[cfg.fl.strategy].from_config(cfg.fl, cfg.train, cfg.seed)
-    return dataclasses.replace(strategy, reduce=REDUCERS[cfg.fl.aggregator])
+    return dataclasses.replace(strategy, reduce=reducer(cfg.fl.aggregator, cfg.fl.byzantine))
