@@ -36,7 +36,7 @@ def test_gate_rejects_with_a_reason_and_bounds_norms():
     plan = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
     assert rejection({"a": torch.ones(2, 3), "b": torch.ones(4)}, plan) is None
     assert "missing ['b']" in rejection({"a": torch.ones(2, 3)}, plan)
-    assert "shape (3, 2)" in rejection({"a": torch.ones(3, 2), "b": torch.ones(4)}, plan)
+    assert "shape (3, 2), expected at most (2, 3)" in rejection({"a": torch.ones(3, 2), "b": torch.ones(4)}, plan)
     assert "dtype torch.float16" in rejection({"a": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(4)}, plan)
     assert "1 NaN or infinite" in rejection({"a": torch.ones(2, 3), "b": torch.tensor([0, float("nan"), 0, 0])}, plan)
     start, upd = {"w": torch.zeros(2)}, {"w": torch.tensor([3.0, 4.0])}

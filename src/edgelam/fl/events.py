@@ -109,6 +109,9 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
             job: Job = yield inbox.get()
             if job.rejected:  # refused by the server's gate (fl/validate.py): charged, never folded in
                 rejects.append(job)
+                if len(rejects) > 20 * len(active):  # nothing gets through: stop rather than loop forever
+                    raise RuntimeError(f"the server's gate rejected {len(rejects)} updates in a row without a new "
+                                       f"version; the last: client {job.client}, {job.rejected}")
                 env.process(trip(job.client))
                 continue
             staleness = st.round - job.version

@@ -70,7 +70,8 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     for w, plan, shape, res in zip(works, plans, planned, results):
         k = w.client
         sent = uplink(ctx, state, k, version, res.update.state, res.start, w.seed)
-        rejected = rejection(sent, shape) or ""  # the server's gate (fl/validate.py)
+        # the server's gate (fl/validate.py): what was planned, less what the task said this client keeps
+        rejected = rejection(sent, {n: v for n, v in shape.items() if n not in res.update.unsent}) or ""
         got = (len(serialize(sent)), res.update.flops + res.probe_flops)
         if not rejected and (got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9)):
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "

@@ -16,14 +16,16 @@ State = dict[str, Tensor]
 
 
 def rejection(sent: State, planned: State) -> str | None:
-    """Why ``sent`` is refused against the planned upload (same names, shapes, dtypes), or None."""
+    """Why ``sent`` is refused against the planned upload (same names and dtypes, shapes within the
+    planned ones), or None."""
     missing, extra = sorted(set(planned) - set(sent)), sorted(set(sent) - set(planned))
     if missing or extra:
         return f"names differ from the plan (missing {missing[:3]}, unexpected {extra[:3]})"
     for k in sorted(sent):
         v, p = sent[k], planned[k]
-        if tuple(v.shape) != tuple(p.shape):
-            return f"{k}: shape {tuple(v.shape)}, expected {tuple(p.shape)}"
+        # the plan is an upper bound: a scheme may send less than planned (HetLoRA's rank self-pruning)
+        if v.dim() != p.dim() or any(a > b for a, b in zip(v.shape, p.shape)):
+            return f"{k}: shape {tuple(v.shape)}, expected at most {tuple(p.shape)}"
         if v.dtype != p.dtype:
             return f"{k}: dtype {v.dtype}, expected {p.dtype}"
         if not bool(v.isfinite().all()):
