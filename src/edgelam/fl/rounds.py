@@ -218,6 +218,12 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
                        merge_reports(secure) if secure else None, [jobs[k] for k in selected if k in arrived and jobs[k].rejected])
 
 
+def trained_loss(ups: Sequence[ClientUpdate]) -> float | None:
+    """The sample-weighted mean of the clients' own training losses (None without clients)."""
+    n = sum(u.num_samples for u in ups)
+    return sum(u.train_loss * u.num_samples for u in ups) / n if n else None
+
+
 def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,
                 dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None,
                 backhaul: tuple[int, int] = (0, 0), rejected: Sequence[Job] = ()) -> dict[str, Any]:
@@ -225,7 +231,6 @@ def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: f
     ``backhaul`` is (bytes up, bytes down) over the wired edge-cloud links this round."""
     stale = list(staleness) if staleness is not None else [0] * len(jobs)
     ups = [j.update for j in jobs]
-    n = sum(u.num_samples for u in ups)
     step = {
         "bytes_up": sum(j.cost.bytes_up for j in [*jobs, *rejected]),
         "bytes_down": sum(j.cost.bytes_down for j in [*jobs, *dropped, *rejected]),
@@ -235,7 +240,9 @@ def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: f
     st.totals = {k: st.totals.get(k, 0) + v for k, v in step.items()}
     return {
         "round": round_idx, "sim_time_s": end_time_s, "round_time_s": end_time_s - st.sim_time_s,
-        "train_loss": sum(u.train_loss * u.num_samples for u in ups) / n if n else None,
+        # every arrived client's own training loss, rejected ones too: a client whose training diverged
+        # (NaN update) stops the run as diverged (rundir.check_finite) instead of vanishing at the gate
+        "train_loss": trained_loss([j.update for j in [*jobs, *rejected]]),
         **step, **{f"{k}_total": v for k, v in st.totals.items()},
         "clients": [u.client for u in ups], "dropped": [j.client for j in dropped],
         **({"rejected": [{"client": j.client, "reason": j.rejected} for j in rejected]} if rejected else {}),
