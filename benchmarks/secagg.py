@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.train_seconds = statistics.median(train_runs)
     report = {
         "date": datetime.date.today().isoformat(), "machine": machine(),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([".venv/bin/python", *sys.argv]),  # repository-relative, not this machine's path
         "model": "SmolLM2-135M", "lora": {**shape.__dict__, "targets": ["q_proj", "v_proj"]},
         "dim": shape.params(), "clients": args.clients, "threshold": args.threshold, "bits": args.bits,
         "clip": args.clip, "repeats": args.repeats, "train_seconds": args.train_seconds,
