@@ -82,10 +82,11 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             links = draw_links(cfg.net, ctx.topology, devices, rng_for(cfg.seed, Purpose.EDGE_FADING, round_idx, e, t))
             seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t) for k in devices}
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
-            jobs.extend(j for j in trips if j.rejected)  # refused by the edge's gate: charged, not averaged
+            refused = [j for j in trips if j.rejected]  # refused by the edge's gate: charged, not averaged
+            jobs.extend(refused)
             trips = [j for j in trips if not j.rejected]
             if not trips:
-                yield env.timeout(max(j.cost.total_s for j in jobs[-len(devices):]))
+                yield env.timeout(max(j.cost.total_s for j in refused))
                 continue
             if secure:  # SecAgg at the edge: the edge server learns only its devices' sum
                 outcome = secure_round(ctx, trips, links, round_idx, edge=1000 * (1 + t) + e, population=attached[e])

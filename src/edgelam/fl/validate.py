@@ -10,7 +10,7 @@ import math
 
 from torch import Tensor
 
-from edgelam.fl.transforms import Clip
+from edgelam.fl.transforms import Clip, Trip
 
 State = dict[str, Tensor]
 
@@ -37,4 +37,4 @@ def bound(update: State, start: State, max_norm: float | None) -> State:
     """The update with its delta scaled to L2 norm <= ``max_norm`` (unchanged when None or within)."""
     if max_norm is None or not math.isfinite(max_norm):
         return update
-    return Clip(max_norm)(update, {k: start[k] for k in update}, None)  # type: ignore[arg-type]
+    return Clip(max_norm)(update, start, Trip(-1, -1))  # the server's clip: no trip of its own

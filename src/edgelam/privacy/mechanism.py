@@ -21,7 +21,8 @@ from edgelam.fl.transforms import Clip, Trip
 from edgelam.privacy import accountant as acc
 from edgelam.privacy.dp import ClientDP, add_noise, default_delta, edge_sigma, expected_trips, gaussian_noise, noised_mean
 from edgelam.privacy.dp import poisson_select
-from edgelam.privacy.dpsgd import DPSGD
+from edgelam.fl.client import num_local_steps
+from edgelam.privacy.dpsgd import DPSGD, sample_rate
 from edgelam.store import Purpose, torch_seed_for
 
 State = dict[str, Tensor]
@@ -70,8 +71,7 @@ def _plan(cfg: RunConfig, facts: Facts, driver: str, sigma: float) -> dict[acc.S
     dp, fl, train = cfg.privacy.dp, cfg.fl, cfg.train
     if dp.mode == "sample":  # DP-SGD: the smallest client samples at the highest rate, every round
         n = min(facts.sizes)
-        steps = train.local_steps if train.local_epochs is None else train.local_epochs * math.ceil(n / train.batch_size)
-        return {(min(1.0, train.batch_size / n), sigma): steps * fl.rounds}
+        return {(sample_rate(train.batch_size * train.grad_accum, n), sigma): num_local_steps(train, n) * fl.rounds}
     if driver == "async":
         per_step = fl.asynchronous.buffer_size if fl.strategy == "fedbuff" else 1
         trips = math.ceil(max(expected_trips(facts.latency_s, facts.active, fl.rounds * per_step)))
@@ -156,11 +156,16 @@ class Privacy:
             mean = noised_mean(start, [j.update.state for j in group], self.dp.q * population[name],
                                self.noise(start, round_idx, tier, edge, zlib.crc32(name.encode())))
             out.append(Released(mean, name))
-            if record:
-                acc.record(ledger, name, self.dp.q, self.dp.sigma)
-        if record and out:
-            acc.record(ledger, ALL, self.dp.q, self.dp.sigma)
+        if record:
+            self._record_central(ledger, [r.adapter for r in out])
         return out
+
+    def _record_central(self, ledger: acc.Ledger, adapters: Sequence[str]) -> None:
+        """One central step for each released adapter, and one for every client (each is in one)."""
+        for name in adapters:
+            acc.record(ledger, name, self.dp.q, self.dp.sigma)
+        if adapters:
+            acc.record(ledger, ALL, self.dp.q, self.dp.sigma)
 
     def record_secure(self, ledger: acc.Ledger, jobs: Sequence[Any], adapters: Sequence[str]) -> None:
         """A securely aggregated round: central DP's noise was added by the clients (at least
@@ -169,10 +174,7 @@ class Privacy:
         if self.dp.mode != "central":
             self.record_uploads(ledger, jobs)
             return
-        for name in adapters:
-            acc.record(ledger, name, self.dp.q, self.dp.sigma)
-        if adapters:
-            acc.record(ledger, ALL, self.dp.q, self.dp.sigma)
+        self._record_central(ledger, adapters)
 
     def record_uploads(self, ledger: acc.Ledger, jobs: Sequence[Any]) -> None:
         """Local DP: each upload is one Gaussian step of its client; DP-SGD: the steps each trip ran
