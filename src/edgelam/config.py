@@ -421,6 +421,8 @@ class RunConfig:
             return
         for key, value, default in (("fl.fraction", self.fl.fraction, 1.0), ("train.prox_mu", self.train.prox_mu, 0.0),
                                     ("net.server_tier", self.net.server_tier, "edge"), ("eval.generate", self.eval.generate, 0),
-                                    ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ())):
+                                    ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ()),
+                                    ("fl.aggregator", self.fl.aggregator, "mean"), ("fl.norm_bound", self.fl.norm_bound, None),
+                                    ("fl.attack.kind", self.fl.attack.kind, "none")):
             _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
                      f"server trains the middle); leave it at {default!r}", value)

@@ -121,20 +121,34 @@ class SplitConfig:
             _require(0 <= self.cut[0] <= self.cut[1], "split.cut", "must be [a, b] with 0 <= a <= b", list(self.cut))
 
 
-ATTACKS = ("none", "sign_flip", "scaling", "gaussian")
+MODEL_ATTACKS = ("sign_flip", "scaling", "gaussian")
+DATA_ATTACKS = ("label_flip", "backdoor")
+ATTACKS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS)
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Malicious clients (model poisoning, ``fl/attacks.py``): a seeded ``fraction`` of the clients
-    replace what they send. sign_flip: start - scale * delta; scaling (model replacement): start +
-    scale * delta; gaussian: start + N(0, scale^2) per coordinate. They skip the honest uplink."""
+    """Malicious clients (``fl/attacks.py``, ``fl/data_attacks.py``): a seeded ``fraction`` of the
+    clients. Model poisoning replaces what they send: sign_flip: start - scale * delta; scaling
+    (model replacement): start + scale * delta; gaussian: start + N(0, scale^2) per coordinate.
+    Data poisoning edits their own examples and trains honestly on them: label_flip (class c ->
+    C - 1 - c; a causal LM's answers shuffled among its prompts); backdoor (``poison_rate`` of their
+    examples get ``trigger`` in front of the text and ``target`` as the answer: a class name or an
+    answer text); with ``scale`` != 1 they also scale their update (Bagdasaryan et al.'s boosted
+    backdoor)."""
 
     kind: str = "none"
     fraction: float = 0.0  # share of the clients that are malicious
     scale: float = 1.0
+    trigger: str = "cf"  # backdoor: the phrase put in front of a poisoned example (a rare token)
+    target: str | None = None  # backdoor: class name, or answer text; null: the last class / a fixed refusal
+    poison_rate: float = 0.5  # backdoor: share of a malicious client's examples that carry the trigger
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "fl.attack.kind", ATTACKS)
         _require(0 <= self.fraction < 1, "fl.attack.fraction", "must be in [0, 1)", self.fraction)
         _require(self.scale > 0, "fl.attack.scale", "must be > 0", self.scale)
+        _require(bool(self.trigger.strip()), "fl.attack.trigger", "must be a non-empty phrase", self.trigger)
+        _require(self.target is None or bool(self.target.strip()), "fl.attack.target", "must be a non-empty class "
+                 "name or answer, or null", self.target)
+        _require(0 < self.poison_rate <= 1, "fl.attack.poison_rate", "must be in (0, 1]", self.poison_rate)

@@ -117,6 +117,8 @@ def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, A
         "final_eval_tasks": evaluated[-1].get("eval_tasks"), "first_eval_loss": evaluated[0]["eval_loss"],
         **{f"{k}_total": v for k, v in st.totals.items()}, "plot": str(folder.path / "plots" / "curves.png"), "wall_s": wall_s,
     } | task_metrics(evaluated[0], evaluated[-1]) | outputs
+    if "backdoor_asr" in evaluated[-1]:  # fl.attack backdoor: the trigger's success rate, round 0 -> final
+        summary |= {"first_backdoor_asr": evaluated[0]["backdoor_asr"], "final_backdoor_asr": evaluated[-1]["backdoor_asr"]}
     folder.write_summary(summary)
     plot_runs([folder.path], folder.path / "plots" / "curves.png")
     return summary

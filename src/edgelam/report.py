@@ -134,6 +134,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         for k, value in v.items():
             if k not in ("loss", "adapter") and isinstance(value, (int, float)):
                 t.add_row(f"  {k} ({task})", f"{value:.4f}" if k != "ppl" else f"{value:.2f}")
+    if "final_backdoor_asr" in summary:
+        t.add_row("backdoor success (round 0 -> final)",
+                  f"{summary['first_backdoor_asr']:.4f} -> {summary['final_backdoor_asr']:.4f}")
     t.add_row("simulated time", f"{summary['sim_time_s']:.1f} s")
     t.add_row("bytes up / down", f"{_mb(summary['bytes_up_total'])} / {_mb(summary['bytes_down_total'])}")
     t.add_row("device energy", f"{summary['energy_j_total']:.2f} J")

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from edgelam.config import DataConfig
 from edgelam.data import partition, synthetic
 from edgelam.data.format import encode
+from edgelam.data.poison import DataPoison
 from edgelam.data.sources import (
     DataError,
     Example,
@@ -46,6 +47,7 @@ class FederatedData:
     global_eval: dict[str, list[Any]]  # data task -> encoded eval examples (the task's samples)
     eval_examples: dict[str, list[Example]]  # the same, as text (for generation)
     description: str
+    backdoor: list[Any] = dataclasses.field(default_factory=list)  # triggered eval samples (fl.attack backdoor)
 
 
 def _load_files(files: Sequence[str], fmt: str) -> list[Example]:
@@ -158,8 +160,10 @@ def resolve_auto(cfg: DataConfig) -> tuple[DataConfig, str]:
     return dataclasses.replace(cfg, source="synthetic", partition=partition, path=None), line
 
 
-def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> FederatedData:
-    """Load, partition, split held-out data and tokenize, all determined by ``seed``."""
+def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                         poison: DataPoison | None = None) -> FederatedData:
+    """Load, partition, split held-out data and tokenize, all determined by ``seed``; ``poison``
+    edits the malicious clients' examples (fl.attack label_flip / backdoor) before tokenizing."""
     if cfg.source == "auto":
         raise ValueError("resolve data.source 'auto' with data.build.resolve_auto() first")
     presplit, pool, evals, desc = _source(cfg, seed)
@@ -179,6 +183,8 @@ def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, se
             examples = [examples[i] for i in keep]
         if not examples:
             raise DataError(f"client {k} received no examples; use fewer clients or another partition")
+        if poison is not None:
+            examples = poison.examples(k, len(client_examples), examples)
         labels = [e.task for e in examples]
         train_idx, held_idx = partition.heldout_split(range(len(examples)), labels, cfg.heldout_fraction, rng)
         clients.append(ClientData(
@@ -190,4 +196,7 @@ def build_federated_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, se
     for e in evals:
         eval_examples.setdefault(e.task, []).append(e)
     global_eval = {t: [encode(e, tokenizer, cfg.max_length) for e in xs] for t, xs in sorted(eval_examples.items())}
-    return FederatedData(clients=clients, global_eval=global_eval, eval_examples=eval_examples, description=desc)
+    backdoor = ([encode(e, tokenizer, cfg.max_length) for e in poison.trigger_examples(evals)]
+                if poison is not None and poison.kind == "backdoor" else [])
+    return FederatedData(clients=clients, global_eval=global_eval, eval_examples=eval_examples, description=desc,
+                         backdoor=backdoor)

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from edgelam.config import ConfigError, DataConfig
 from edgelam.data import partition
 from edgelam.data.build import partition_or_explain
+from edgelam.data.poison import DataPoison
 from edgelam.data.sources import DataError, resolve_path
 from edgelam.store import Purpose, rng_for
 
@@ -109,6 +110,7 @@ class ClassData:
     classes: tuple[str, ...]
     description: str
     test_text: tuple[str, ...] = ()  # the test examples' texts, in the order of ``test``
+    backdoor: tuple[Labeled, ...] = ()  # triggered test examples labelled with the target (fl.attack backdoor)
 
 
 def read_tsv(path: Path, src: Source) -> list[tuple[str, int]]:
@@ -150,9 +152,11 @@ def _train_test(cfg: DataConfig, seed: int, want: int, eval_max: int | None
     return read_tsv(folder / src.train, src), read_tsv(folder / src.test, src), src.classes, str(folder / src.train)
 
 
-def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, eval_max: int | None) -> ClassData:
+def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, eval_max: int | None,
+                         poison: DataPoison | None = None) -> ClassData:
     """Sample ``num_clients * max_examples_per_client`` training examples, partition them (iid or
     Dirichlet over labels) and tokenize; the test set is ``eval_max`` examples of test.tsv (all if None).
+    ``poison`` edits the malicious clients' rows (fl.attack label_flip / backdoor) before tokenizing.
 
     There is no per-client held-out share: the split driver evaluates on the test set, so a
     ``data.heldout_fraction`` other than its default or 0 is a ConfigError rather than ignored."""
@@ -178,11 +182,16 @@ def build_classification(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, se
         raise DataError(f"data.partition '{cfg.partition}' does not apply to {cfg.source}; use iid or dirichlet")
     if eval_max is not None and eval_max < len(test):
         test = [test[int(i)] for i in sorted(rng_for(seed, Purpose.CLASS_TEST).choice(len(test), size=eval_max, replace=False))]
-    clients = [tokenize([pool[i] for i in part], tokenizer, cfg.max_length, cfg.source) for part in parts]
+    rows = [[pool[i] for i in part] for part in parts]
+    if poison is not None:
+        rows = [poison.rows(k, len(rows), r, classes) for k, r in enumerate(rows)]
+    clients = [tokenize(r, tokenizer, cfg.max_length, cfg.source) for r in rows]
+    backdoor = (tuple(tokenize(poison.trigger_rows(test, classes), tokenizer, cfg.max_length, cfg.source))
+                if poison is not None and poison.kind == "backdoor" else ())
     desc = (f"{cfg.source} ({where}): {want} training examples over {cfg.num_clients} clients ({cfg.partition}), "
             f"{len(test)} test examples, {len(classes)} classes")
     return ClassData(clients, tokenize(test, tokenizer, cfg.max_length, cfg.source), classes, desc,
-                     tuple(text for text, _ in test))
+                     tuple(text for text, _ in test), backdoor)
 
 
 def collate_labeled(batch: list[Labeled], pad_id: int) -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""Malicious clients for robustness experiments (``fl.attack``): model poisoning on the uplink.
+"""Malicious clients for robustness experiments (``fl.attack``): model poisoning on the uplink
+(data poisoning: data/poison.py).
 
 A seeded share of the clients replaces what it sends, after (and instead of obeying) the honest
 uplink chain, so server-side defences (``fl.norm_bound``, robust ``fl.aggregator``) are what
@@ -12,24 +13,18 @@ stands between it and the model:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from edgelam.config_schemes import AttackConfig
+from edgelam.config_schemes import DATA_ATTACKS, AttackConfig
+from edgelam.data.poison import malicious_clients
 from edgelam.fl.transforms import Trip
-from edgelam.store import Purpose, rng_for, torch_seed_for
+from edgelam.store import Purpose, torch_seed_for
 
 State = dict[str, Tensor]
-
-
-def malicious_clients(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
-    """round(fraction * N) clients, drawn once per run (a seeded permutation)."""
-    m = int(math.floor(fraction * num_clients + 0.5))
-    return frozenset(int(k) for k in rng_for(seed, Purpose.ATTACK).permutation(num_clients)[:m])
 
 
 def poison(kind: str, update: State, start: State, scale: float, seed: int) -> State:
@@ -70,6 +65,9 @@ class Attack:
 
 
 def build_attack(cfg: AttackConfig, num_clients: int, seed: int) -> list[Attack]:
-    if cfg.kind == "none" or cfg.fraction == 0:
+    """The uplink side of ``fl.attack``: model poisoning, or the boost (``scale`` != 1) of a data
+    poisoner's update (data/poison.py edits its examples)."""
+    if cfg.kind == "none" or cfg.fraction == 0 or (cfg.kind in DATA_ATTACKS and cfg.scale == 1):
         return []
-    return [Attack(cfg.kind, cfg.scale, malicious_clients(num_clients, cfg.fraction, seed), seed)]
+    kind = "scaling" if cfg.kind in DATA_ATTACKS else cfg.kind
+    return [Attack(kind, cfg.scale, malicious_clients(num_clients, cfg.fraction, seed), seed)]

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from edgelam.config import RunConfig
+from edgelam.config import ConfigError, RunConfig
+from edgelam.config_schemes import DATA_ATTACKS
 from edgelam.data.build import FederatedData
-from edgelam.fl.evaluate import evaluate_tasks, task_sums
+from edgelam.fl.evaluate import attack_success, evaluate_tasks, task_sums
 from edgelam.fl.strategies import build_strategy
 from edgelam.fl.strategies.base import GLOBAL, Population, State, Strategy
 from edgelam.models.flops import FlopModel, flop_model, forward_flops, lora_train_flops
@@ -101,6 +102,9 @@ def evaluate(ctx: Context, st: RunState) -> dict[str, Any]:
         out["client_eval_loss"] = ctx.task.metrics(held)["loss"] if held.get("count") else None
     if len(adapters) > 1:
         out["assignment"] = assignment
+    if ctx.data.backdoor:  # fl.attack backdoor: how often the trigger gets the target (under the first task's adapter)
+        set_adapter_state(ctx.model, adapters[by_task[ctx.data.backdoor[0].task]])
+        out["backdoor_asr"] = attack_success(ctx.task, ctx.model, ctx.data.backdoor[: ev.max_per_task], ev.batch_size)
     return out
 
 
@@ -109,6 +113,9 @@ def setup(cfg: RunConfig) -> Context:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ts = setup_task(cfg)  # the base model, its tokenizer and the clients' data, as the task defines them
+    if cfg.fl.attack.kind in DATA_ATTACKS and ts.task.name not in ("causal_lm", "classification"):
+        raise ConfigError(f"fl.attack.kind {cfg.fl.attack.kind} edits text examples; task {ts.task.name} has none. "
+                          f"Use a model attack (sign_flip, scaling, gaussian) or a causal_lm / classification task")
     model = ts.task.wrap(ts.base, cfg.model.lora, cfg.seed)
     strategy = build_strategy(cfg)
     topology = place_devices(cfg.net, len(ts.data.clients), rng_for(cfg.seed, Purpose.PLACEMENT))

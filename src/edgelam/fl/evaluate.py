@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgelam.data.format import Encoded, prompt_ids
+from edgelam.data.format import IGNORE, Encoded, prompt_ids
 from edgelam.data.sources import Example
 from edgelam.tasks.base import Task, add_sums
 from edgelam.tasks.causal_lm import CausalLM
@@ -45,6 +45,24 @@ def evaluate_tasks(task: Task, model: Any, per_task: dict[str, list[Any]], batch
             tasks[name] = task.metrics(sums)
         total = add_sums(total, sums)
     return {"eval_tasks": tasks, "sums": total}
+
+
+@torch.no_grad()
+def attack_success(task: Task, model: Any, triggered: Sequence[Any], batch_size: int) -> float:
+    """A backdoor's success rate on ``triggered`` samples (trigger added, the target as the label):
+    a classifier's share predicted as the target; a causal LM's share whose every answer token is
+    the argmax under teacher forcing, which is exactly a greedy answer that is the target."""
+    if task.name != "causal_lm":
+        sums = task_sums(task, model, triggered, batch_size)
+        return sums.get("correct", 0.0) / max(sums.get("count", 0), 1)
+    hits = 0
+    for i in range(0, len(triggered), batch_size):
+        batch = {k: v.to(model.device) for k, v in task.collate(triggered[i: i + batch_size]).items()}
+        pred = task.output(model, batch)[:, :-1].argmax(-1)
+        labels = batch["labels"][:, 1:]
+        wrong = (pred != labels) & (labels != IGNORE)
+        hits += int((~wrong.any(-1)).sum())
+    return hits / max(len(triggered), 1)
 
 
 @torch.no_grad()

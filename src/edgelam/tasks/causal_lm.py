@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from edgelam.config import ConfigError, RunConfig
 from edgelam.config import LoraConfig as LoraSettings
 from edgelam.data.build import build_federated_data, resolve_auto
+from edgelam.data.poison import poison_for
 from edgelam.data.format import IGNORE, Encoded, collate
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed, fresh_base, load_base
@@ -37,7 +38,8 @@ class CausalLM:
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
         base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed), fresh=False)
-        data = build_federated_data(resolve_auto(cfg.data)[0], tok, cfg.seed)  # the Python API may pass auto
+        data = build_federated_data(resolve_auto(cfg.data)[0], tok, cfg.seed,  # the Python API may pass auto
+                                    poison_for(cfg.fl.attack, cfg.seed))
         return TaskSetup(cls(int(tok.pad_token_id)), base, tok, data)
 
     @classmethod

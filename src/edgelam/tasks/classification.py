@@ -25,6 +25,7 @@ from edgelam.config import ConfigError, RunConfig
 from edgelam.config import LoraConfig as LoraSettings
 from edgelam.data.build import ClientData, FederatedData
 from edgelam.data.classification import Labeled, build_classification, collate_labeled
+from edgelam.data.poison import poison_for
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed
 from edgelam.models.lora import attach_lora, load_adapters
@@ -79,9 +80,9 @@ class Classification:
         """The encoder and its tokenizer; each client's share of the source's training set (no
         held-out share: evaluation uses the source's test set, as the split driver does)."""
         backbone, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed), fresh=False)
-        cd = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task)
+        cd = build_classification(cfg.data, tok, cfg.seed, cfg.eval.max_per_task, poison_for(cfg.fl.attack, cfg.seed))
         clients = [ClientData(k, train=list(samples), heldout=[]) for k, samples in enumerate(cd.clients)]
-        data = FederatedData(clients, {cfg.data.source: list(cd.test)}, {}, cd.description)
+        data = FederatedData(clients, {cfg.data.source: list(cd.test)}, {}, cd.description, list(cd.backdoor))
         return TaskSetup(cls(int(tok.pad_token_id), len(cd.classes), tuple(cd.classes)), backbone, tok, data)
 
     @classmethod
