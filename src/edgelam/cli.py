@@ -1,4 +1,4 @@
-"""The ``edgelam`` command: run | sweep | unlearn | ls | plot | serve | infer | gateway | data. Each subcommand is a
+"""The ``edgelam`` command: run | sweep | unlearn | ls | plot | serve | infer | gateway | keys | data. Each subcommand is a
 typed function, usable from Python too."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from edgelam.config_load import load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
 from edgelam.cli_common import _guard, _split_args, console, err  # noqa: F401 (the Python API uses them from here)
+from edgelam.cli_keys import keys_cmd
 from edgelam.cli_unlearn import unlearn_cmd
 
 def _configs_dir() -> Path:
@@ -129,6 +130,7 @@ def sweep_cmd(
 
 
 app.command("unlearn")(unlearn_cmd)  # cli_unlearn.py
+app.command("keys")(keys_cmd)  # cli_keys.py
 
 
 @app.command("ls")
@@ -189,6 +191,11 @@ def serve_cmd(
                                                 "is a limit too)"),
     max_body_mb: float = typer.Option(256.0, "--max-body-mb", help="largest request body in MiB (413 above, checked "
                                                                     "before the body is read)"),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="keyring (edgelam keys): take only signed requests, "
+                                                             "sign the answers"),
+    node: Optional[str] = typer.Option(None, "--node", help="this service's node name in the keyring (with --keys)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM): serve HTTPS"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="the certificate's private key (PEM)"),
 ) -> None:
     """Serve one module of a model over HTTP (FastAPI): /v1/forward, /v1/predict, /health, /ready, /info, /metrics.
     The task (causal LM, classification) and base model come from the adapters' task cards."""
@@ -203,9 +210,13 @@ def serve_cmd(
             raise ConfigError(f"--wire-dtype must be float32 or float16, got '{wire_dtype}'")
         if max_request_tokens < 1 or not max_body_mb > 0:
             raise ConfigError("--max-request-tokens must be >= 1 and --max-body-mb > 0")
+        if (tls_cert is None) != (tls_key is None) or any(p and not p.is_file() for p in (tls_cert, tls_key)):
+            raise ConfigError("--tls-cert and --tls-key go together and must name existing PEM files "
+                              "(edgelam keys --tls makes them)")
         try:
             serve(model, module, port, host, adapters, session_ttl, wire_dtype, max_request_tokens,
-                  int(max_body_mb * 2**20))
+                  int(max_body_mb * 2**20), str(keys) if keys else None, node,
+                  (str(tls_cert), str(tls_key)) if tls_cert and tls_key else None)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -258,6 +269,7 @@ def run_inference(topology: Path, prompt: str | None, max_new_tokens: int | None
     from edgelam.infer.client import StageDown
     from edgelam.infer.modules import ModuleError
     from edgelam.infer.topology import LINK_EMULATION, load_topology, open_topology
+    from edgelam.security.mac import IntegrityError
 
     if load_topology(topology).mode == "predict":
         return run_predict_topology(topology)
@@ -276,7 +288,7 @@ def run_inference(topology: Path, prompt: str | None, max_new_tokens: int | None
             for t in runner.stream(ids, max_new, base.tokenizer.eos_token_id):
                 tokens.append(t)
                 stamps.append(time.perf_counter() - t0)
-        except (StageDown, ModuleError) as exc:
+        except (StageDown, ModuleError, IntegrityError) as exc:
             failure = exc
         report = runner.report()
     _print_inference(base.tokenizer, ids, tokens, stamps, report)
@@ -337,13 +349,15 @@ def gateway_cmd(
     adapter: Optional[str] = typer.Option(None, "--adapter"),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit",
                                          help="most tokens one request may ask for (max_tokens above it: 400)"),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="keyring whose api_keys the clients must send "
+                                            "as Authorization: Bearer (edgelam keys --api-key NAME)"),
 ) -> None:
     """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, streaming) in front of a topology."""
-    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit))
+    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit, api_keys))
 
 
 def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapter: str | None = None,
-                max_tokens_limit: int = 1024) -> None:
+                max_tokens_limit: int = 1024, api_keys: Path | None = None) -> None:
     """Start the topology and serve the gateway until SIGINT / SIGTERM; the services stop with it."""
     import uvicorn
 
@@ -354,13 +368,17 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
     _check_port(port)
     if max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    from edgelam.security.keys import load_api_keys
+
+    bearer = load_api_keys(api_keys) if api_keys else None
     topo = load_topology(topology)
     base = load_base(topo.model, "float32", 0)
     ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0) or None
     with open_topology(topo, base.model.config, adapter) as runner:
         app_ = create_gateway(runner.stream, base.tokenizer, topo.model, min(topo.max_new_tokens, max_tokens_limit),
-                              max_tokens_limit, ctx, runner.dead)
-        console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1")
+                              max_tokens_limit, ctx, runner.dead, bearer)
+        console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1"
+                      + (f" (API keys required: {len(bearer)} from {api_keys})" if bearer else ""))
         uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 

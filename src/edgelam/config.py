@@ -212,7 +212,7 @@ class FLConfig:
     # mean (weighted by samples) | median | trimmed_mean (coordinate-wise, Yin et al. 2018; unweighted)
     # | krum | multi_krum (Blanchard et al. 2017: the update(s) closest to their n - f - 2 neighbours)
     aggregator: str = "mean"
-    byzantine: int = 0  # krum / multi_krum: f, the malicious updates an aggregation tolerates
+    byzantine: int = 0  # f, the malicious updates an aggregation tolerates: krum / multi_krum; trimmed_mean cuts f per side
     # transforms on each client's update before it is sent, in order (fl/transforms.py): clip | float16
     uplink: tuple[str, ...] = ()
     clip_norm: float = 1.0  # clip: the largest L2 norm of a client's delta (update - start)

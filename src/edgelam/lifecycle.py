@@ -60,7 +60,15 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
     folder = RunFolder.open(out, config) if resume else RunFolder.create(out, config)
     folder.keep_rounds = cfg.privacy.unlearn.checkpoints == "every"  # state/rounds/<r> (unlearning by rollback)
     folder.store_updates = cfg.privacy.unlearn.store_updates  # state/updates/<r> (FedEraser)
-    driver = driver_for(cfg)
+    try:
+        folder.lock()
+        driver = driver_for(cfg)
+    except BaseException:
+        if resume:
+            folder.close()
+        else:
+            folder.discard()  # a run that never started (bad data, no model) leaves no half-made folder behind
+        raise
     try:
         st = folder.resume(driver.initial_state)
         wall_before = folder.rows[-1]["wall_s"] if folder.rows else 0.0
@@ -88,6 +96,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
         return finish(cfg, st, folder, driver.outputs(st, folder), wall())
     finally:
         driver.close()
+        folder.close()
 
 
 def fork(cfg: RunConfig, src: Path, round_idx: int, out: Path, on_round: Commit | None = None,

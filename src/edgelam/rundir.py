@@ -33,6 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
 from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, to_json_line
 
 CHECKPOINT = "state/checkpoint.safetensors"
@@ -266,6 +271,8 @@ class RunFolder:
         self.rows: list[dict[str, Any]] = []
         self.keep_rounds = False  # privacy.unlearn.checkpoints: every (set by the lifecycle)
         self.store_updates = False  # privacy.unlearn.store_updates
+        self.made = False  # ``create`` made the folder itself
+        self._lock_fh: Any = None
 
     @classmethod
     def create(cls, path: Path, config: dict[str, Any]) -> "RunFolder":
@@ -279,6 +286,7 @@ class RunFolder:
             raise RunFolderError(f"--out {path} is a folder with other files in it; a run writes config.yaml, summary.json "
                                  f"and plots/ there and would overwrite them. Choose a new or empty folder")
         folder = cls(path, config)
+        folder.made = not path.exists()
         folder._write(lambda: atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False)))
         return folder
 
@@ -287,6 +295,33 @@ class RunFolder:
         if not (path / CONFIG).is_file():
             raise RunFolderError(f"--resume {path}: no config.yaml there; is it an EdgeLAM run folder?")
         return cls(path, config)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on config.yaml while this process runs in the folder: a second
+        ``--resume`` of a running run is refused instead of appending the same rounds twice."""
+        self._lock_fh = open(self.path / CONFIG, "rb")
+        if fcntl is None:  # no advisory locks on this platform
+            return
+        try:
+            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise RunFolderError(f"{self.path} is in use by another edgelam process (its config.yaml is locked); "
+                                 f"wait for that run to end or stop it, then resume") from None
+
+    def close(self) -> None:
+        """Release the folder's lock (the lifecycle calls this when the run ends, however it ends)."""
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def discard(self) -> None:
+        """Undo ``create`` for a run that never started (its model or data failed to load): no
+        half-made folder is left to block the next try with the same --out."""
+        self.close()
+        (self.path / CONFIG).unlink(missing_ok=True)
+        if self.made and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def _write(self, fn: Callable[[], Any]) -> Any:
         try:

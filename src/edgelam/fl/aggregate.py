@@ -61,12 +61,12 @@ def coordinate_median(states: Sequence[State], weights: Sequence[float]) -> Stat
     return {k: torch.stack([s[k].double() for s in states]).quantile(0.5, dim=0).to(states[0][k].dtype) for k in states[0]}
 
 
-def trimmed_mean(states: Sequence[State], weights: Sequence[float], trim: float = 0.2) -> State:
-    """The element-wise mean after dropping the floor(trim * n) largest and smallest values
-    (Yin et al., ICML 2018, "coordinate-wise trimmed mean"); weights are ignored."""
+def trimmed_mean(states: Sequence[State], weights: Sequence[float], trim: float = 0.2, cut: int | None = None) -> State:
+    """The element-wise mean after dropping the ``cut`` (default floor(trim * n)) largest and smallest
+    values (Yin et al., ICML 2018, "coordinate-wise trimmed mean"); weights are ignored."""
     _check(states, weights)
     n = len(states)
-    cut = int(trim * n)
+    cut = int(trim * n) if cut is None else cut
     if n - 2 * cut < 1:
         raise ValueError(f"trimming {cut} of {n} updates from each side leaves none")
     out = {}
@@ -105,7 +105,10 @@ REDUCERS: dict[str, Reduce] = {
 
 
 def reducer(name: str, byzantine: int = 0) -> Reduce:
-    """``fl.aggregator`` as a reduce; Krum and Multi-Krum tolerate ``fl.byzantine`` bad updates."""
+    """``fl.aggregator`` as a reduce; Krum and Multi-Krum tolerate ``fl.byzantine`` bad updates, the
+    trimmed mean drops that many from each side (when > 0; else 20 %)."""
+    if name == "trimmed_mean" and byzantine > 0:
+        return lambda s, w: trimmed_mean(s, w, cut=byzantine)
     if name == "krum":
         return lambda s, w: multi_krum(s, w, byzantine, 1)
     if name == "multi_krum":

@@ -43,7 +43,8 @@ def _pack(jobs: dict[int, Job]) -> tuple[dict[str, Any], dict[str, Any]]:
         tensors |= put_prefixed(f"{k}.update", j.update.state) | put_prefixed(f"{k}.start", j.start)
         upd = {f.name: getattr(j.update, f.name) for f in dataclasses.fields(j.update) if f.name != "state"}
         upd["unsent"] = sorted(upd["unsent"])  # JSON
-        meta[str(k)] = {"version": j.version, "arrival_s": j.arrival_s, "update": upd, "cost": dataclasses.asdict(j.cost)}
+        meta[str(k)] = {"version": j.version, "arrival_s": j.arrival_s, "update": upd, "cost": dataclasses.asdict(j.cost),
+                        "rejected": j.rejected, "delta_norm": j.delta_norm}
     return tensors, meta
 
 
@@ -53,7 +54,8 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
         k = int(key)
         facts = m["update"] | {"unsent": frozenset(m["update"].get("unsent", ()))}
         upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **facts)
-        jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"])
+        jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"],
+                      m.get("rejected", ""), m.get("delta_norm", 0.0))
     return jobs
 
 

@@ -15,7 +15,7 @@ from edgelam.fl.aggregate import Reduce, fill_unsent
 from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
-from edgelam.fl.transforms import Trip, apply_chain, to_server
+from edgelam.fl.transforms import Trip, apply_chain, delta_norm, to_server
 from edgelam.fl.validate import bound, rejection
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
@@ -37,6 +37,7 @@ class Job:
     cost: ClientCost
     arrival_s: float
     rejected: str = ""  # why the server's gate refused the update (fl/validate.py); "" = accepted
+    delta_norm: float = 0.0  # L2 norm of the received delta (before fl.norm_bound): what to set a bound from
 
 
 def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train: TrainConfig | None = None) -> ClientWork:
@@ -81,7 +82,8 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
         # value here, and a synchronous round's reduce takes from the clients that sent it (fill_unsent)
         got_state = res.start if rejected else bound(to_server(sent, res.start), res.start, ctx.cfg.fl.norm_bound)
         upd = dataclasses.replace(res.update, state=got_state | {k: res.start[k] for k in res.update.unsent})
-        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected))
+        norm = 0.0 if rejected else delta_norm(to_server(sent, res.start), res.start)
+        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected, norm))
     return jobs
 
 
@@ -251,7 +253,7 @@ def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: f
             "train_loss": j.update.train_loss, "steps": j.update.steps, "tokens": j.update.tokens, "flops": j.update.flops,
             "t_down_s": j.cost.t_down_s, "t_comp_s": j.cost.t_comp_s, "t_up_s": j.cost.t_up_s,
             "energy_tx_j": j.cost.e_tx_j, "energy_comp_j": j.cost.e_comp_j, "bytes_up": j.cost.bytes_up,
-            "staleness": tau,
+            "staleness": tau, "delta_norm": j.delta_norm,
         } for j, tau in zip(jobs, stale)],
         "wall_s": wall_s,
     }

@@ -3,6 +3,10 @@
 ``LinkShaper`` is the transport-layer link emulation (network namespaces with ``tc netem`` need
 CAP_NET_ADMIN, which this project's machines do not give): each request waits half the RTT plus
 its bytes over the link rate before it is sent, and each response the same after it arrives.
+
+With a ``Signer`` (``security/mac.py``) an ``HttpTransport`` signs every request and checks every
+answer's MAC; a refusal (401/403) or a bad answer raises ``IntegrityError``, which is not
+``StageDown``: a tampered link is an attack to report, not a dead service to fail over from.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from edgelam.infer.modules import ModuleError, ModuleHost
 from edgelam.infer.wire import CONTENT_TYPE, pack, unpack
+from edgelam.security.mac import Envelope, IntegrityError, Signer, bound
 
 
 class StageDown(RuntimeError):
@@ -84,27 +89,37 @@ def error_text(resp: httpx.Response) -> str:
 
 
 class HttpTransport:
-    """A module service at ``url`` (``edgelam serve``), tensors as safetensors bodies."""
+    """A module service at ``url`` (``edgelam serve``), tensors as safetensors bodies. ``signer`` signs the
+    requests and checks that answers come from node ``peer`` (any keyring node when None); ``ca`` is the
+    CA certificate an ``https://`` service is checked against (``edgelam keys --tls``)."""
 
     def __init__(self, url: str, name: str | None = None, link: LinkShaper | None = None, timeout_s: float = 60.0,
-                 wire_dtype: str = "float32") -> None:
+                 wire_dtype: str = "float32", signer: Signer | None = None, peer: str | None = None,
+                 ca: str | None = None) -> None:
         self.url, self.name, self.link, self.wire_dtype = url.rstrip("/"), name or url, link, wire_dtype
-        self.client = httpx.Client(timeout=timeout_s)
+        self.signer, self.peer = signer, peer
+        verify: Any = True
+        if ca is not None:
+            from edgelam.security.tls import client_context
+
+            verify = client_context(ca)
+        self.client = httpx.Client(timeout=timeout_s, verify=verify)
         self.stats = CallStats()
 
     def call(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         body = pack(tensors, meta, self.wire_dtype)
+        headers, sent = {"content-type": CONTENT_TYPE}, None
+        if self.signer is not None:
+            sent, auth = self.signer.sign("forward", *bound(meta), body)
+            headers.update(auth)
         t0 = time.perf_counter()
         wait = self.link.one_way_s(len(body)) if self.link else 0.0
         time.sleep(wait)
         try:
-            resp = self.client.post(f"{self.url}/v1/forward", content=body, headers={"content-type": CONTENT_TYPE})
+            resp = self.client.post(f"{self.url}/v1/forward", content=body, headers=headers)
         except httpx.TransportError as exc:
             raise StageDown(f"{self.name}: {type(exc).__name__}: {exc}") from None
-        if resp.status_code == 409:
-            raise SessionLost(f"{self.name}: {error_text(resp)}")
-        if resp.status_code >= 500:
-            raise StageDown(f"{self.name}: HTTP {resp.status_code}: {error_text(resp)}")
+        self._check_status(resp, sent)
         if resp.status_code != 200:  # a client error: the service is up, failover would not help
             raise ModuleError(f"{self.name}: HTTP {resp.status_code}: {error_text(resp)}", resp.status_code)
         back = self.link.one_way_s(len(resp.content)) if self.link else 0.0
@@ -116,10 +131,23 @@ class HttpTransport:
         self.stats.link_seconds += wait + back
         return unpack(resp.content)
 
+    def _check_status(self, resp: httpx.Response, sent: Envelope | None) -> None:
+        """Raise what the status means for failover; a signed 200's MAC must verify."""
+        if resp.status_code == 409:
+            raise SessionLost(f"{self.name}: {error_text(resp)}")
+        if resp.status_code >= 500:
+            raise StageDown(f"{self.name}: HTTP {resp.status_code}: {error_text(resp)}")
+        if resp.status_code in (401, 403):
+            raise IntegrityError(f"{self.name}: the service refused the request (HTTP {resp.status_code}): "
+                                 f"{error_text(resp)}")
+        if resp.status_code == 200 and self.signer is not None and sent is not None:
+            self.signer.check_answer(sent, resp.headers, resp.content, self.peer, self.name)
+
     def close_session(self, session: str) -> None:
         """Free the session's cache; a courtesy that never raises (idle sessions expire anyway)."""
+        headers = self.signer.sign("close", session, "", b"")[1] if self.signer is not None else None
         try:
-            self.client.delete(f"{self.url}/v1/sessions/{session}", timeout=2.0)
+            self.client.delete(f"{self.url}/v1/sessions/{session}", timeout=2.0, headers=headers)
         except httpx.TransportError:
             pass
 

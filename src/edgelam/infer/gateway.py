@@ -11,7 +11,10 @@ Limits and errors: 400 for a malformed request, unsupported ``stop``, ``max_toke
 gateway's cap, or a prompt (+ max_tokens) longer than the model's context; 404 for another
 ``model``; 413 for a body over 8 MB; 503 when the topology cannot answer (a stream cut mid-way
 ends with an SSE ``error`` event instead of ``[DONE]``); 500 with ``Connection: close`` for
-anything unexpected. ``/health`` is 503 ``degraded`` while some module has no live service.
+anything unexpected; 502 when a link to a service fails its integrity check (``IntegrityError``).
+With API keys (``create_gateway(api_keys=...)``, ``edgelam gateway --api-keys FILE``) every request
+but ``/health`` needs ``Authorization: Bearer <key>``: 401 without or malformed, 403 for a wrong key
+(``security/bearer.py``). ``/health`` is 503 ``degraded`` while some module has no live service.
 One generation runs at a time; it runs in a worker thread that stops at the next token when
 its client goes away, so a dropped stream frees the topology at once.
 """
@@ -33,6 +36,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from edgelam.infer.client import StageDown
 from edgelam.infer.modules import ModuleError
 from edgelam.infer.service import BodyTooLarge, ErrorGuard, read_limited
+from edgelam.security.bearer import BearerGuard
+from edgelam.security.mac import IntegrityError
 
 # a backend turns (prompt token ids, max new tokens, eos id) into a stream of token ids
 Backend = Callable[[list[int], int, int | None], Iterator[int]]
@@ -72,6 +77,8 @@ def failure(exc: Exception) -> tuple[int, dict[str, Any]]:
         return 413, openai_error(str(exc))
     if isinstance(exc, StageDown):
         return 503, openai_error(f"the topology cannot answer: {exc}", "service_unavailable")
+    if isinstance(exc, IntegrityError):
+        return 502, openai_error(f"a link to a service failed its integrity check: {exc}", "link_integrity_error")
     if isinstance(exc, ModuleError) and exc.status < 500:
         return 400, openai_error(f"a service refused the request: {exc}")
     return 500, openai_error(f"internal error: {type(exc).__name__}: {exc}", "server_error")
@@ -293,7 +300,7 @@ async def chat(request: Request) -> Any:
     try:
         body = await body_of(request)
         return await answer(st, "chat", body, chat_ids(body, st.tokenizer))
-    except (BadRequest, BodyTooLarge, StageDown, ModuleError) as exc:
+    except (BadRequest, BodyTooLarge, StageDown, ModuleError, IntegrityError) as exc:
         return failure_response(exc)
 
 
@@ -302,7 +309,7 @@ async def completions(request: Request) -> Any:
     try:
         body = await body_of(request)
         return await answer(st, "completion", body, completion_ids(body, st.tokenizer))
-    except (BadRequest, BodyTooLarge, StageDown, ModuleError) as exc:
+    except (BadRequest, BodyTooLarge, StageDown, ModuleError, IntegrityError) as exc:
         return failure_response(exc)
 
 
@@ -321,13 +328,16 @@ def models(request: Request) -> dict[str, Any]:
 
 def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_tokens: int = 64,
                    max_tokens_limit: int = 1024, context_tokens: int | None = None,
-                   health_check: Health | None = None) -> FastAPI:
+                   health_check: Health | None = None, api_keys: dict[str, str] | None = None) -> FastAPI:
     """The gateway app; ``context_tokens`` (the model's context) bounds prompt + max_tokens, ``health_check``
-    names the modules with no live service."""
+    names the modules with no live service; ``api_keys`` (name -> key), when given, are the bearer tokens
+    every request but /health must carry."""
     app = FastAPI(title=f"EdgeLAM gateway ({model_id})")
     app.state.gateway = GatewayState(backend, tokenizer, model_id, default_max_tokens, max_tokens_limit,
                                      context_tokens, health_check)
     app.add_middleware(ErrorGuard, render=lambda m: openai_error(m, "server_error"))
+    if api_keys:
+        app.add_middleware(BearerGuard, api_keys=api_keys)  # outermost: refused before anything else runs
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])

@@ -13,7 +13,11 @@ Endpoints:
 A bad request gets a JSON ``{"error": ...}`` with 400 (malformed, wrong shape, unknown adapter),
 409 (a session out of step: replay it), 413 (body, tokens per request or context too large;
 the body limit is checked on Content-Length and while reading, before the body is buffered) or
-415 (not safetensors). An unexpected failure is a JSON 500 with ``Connection: close``, so a
+415 (not safetensors). With keys (``--keys FILE --node NAME``, ``security/mac.py``) the POST and DELETE
+endpoints take only signed requests: 401 when the MAC headers are missing or malformed, 403 for an
+unknown node, a MAC that does not verify (body or headers altered) or a sequence number not above
+the last accepted one for that (session, node) (a replay or reorder); successful answers are signed.
+An unexpected failure is a JSON 500 with ``Connection: close``, so a
 keep-alive client never meets a reset connection. ``errors_total`` counts every error response.
 """
 
@@ -33,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgelam.infer.modules import DEFAULT_MAX_REQUEST_TOKENS, ModuleError, ModuleHost
 from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
+from edgelam.security.mac import Envelope, LinkGuard, LinkRefused, bound
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_PREDICT_INPUTS = 256
@@ -45,6 +50,7 @@ class ServiceState:
     wire_dtype: str
     max_body_bytes: int
     sweep_every_s: float
+    guard: LinkGuard | None = None  # None: no keys, requests are not authenticated
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -122,14 +128,26 @@ async def forward(request: Request) -> Response:
     except BodyTooLarge as exc:
         return error(413, f"{exc} (edgelam serve --max-body-mb)", close=True)
     try:
+        env = st.guard.check("forward", request.headers, body) if st.guard else None  # before parsing the body
         tensors, meta = unpack(body)
+        if env is not None and bound(meta) != (env.session, env.position):
+            raise LinkRefused(403, "the body's session or position differs from the signed X-EdgeLAM-Session / "
+                                   "X-EdgeLAM-Position headers")
         # the model runs in a worker thread so health checks stay responsive
         out, out_meta = await asyncio.to_thread(st.host.forward, tensors, meta)
+    except LinkRefused as exc:
+        return error(exc.status, str(exc))
     except WireError as exc:
         return error(400, str(exc))
     except ModuleError as exc:
         return error(exc.status, str(exc))
-    return Response(pack(out, out_meta, st.wire_dtype), media_type=CONTENT_TYPE)
+    return signed(st, env, pack(out, out_meta, st.wire_dtype), CONTENT_TYPE)
+
+
+def signed(st: ServiceState, env: Envelope | None, data: bytes, media_type: str) -> Response:
+    """An answer, with the MAC headers when the request was authenticated."""
+    headers = st.guard.answer(env, data) if st.guard is not None and env is not None else None
+    return Response(data, media_type=media_type, headers=headers)
 
 
 def predict_request(body: bytes) -> tuple[list[Any], str | None, bool]:
@@ -159,16 +177,21 @@ def predict_request(body: bytes) -> tuple[list[Any], str | None, bool]:
 async def predict(request: Request) -> Response:
     st = state_of(request)
     try:
-        inputs, adapter, truncate = predict_request(await read_limited(request, st.max_body_bytes))
+        body = await read_limited(request, st.max_body_bytes)
+        env = st.guard.check("predict", request.headers, body) if st.guard else None
+        inputs, adapter, truncate = predict_request(body)
         answers = await asyncio.to_thread(st.host.predict, inputs, adapter, truncate)
     except BodyTooLarge as exc:
         return error(413, f"{exc} (edgelam serve --max-body-mb)", close=True)
+    except LinkRefused as exc:
+        return error(exc.status, str(exc))
     except ModuleError as exc:
         return error(exc.status, str(exc))
     except ValueError as exc:
         return error(400, str(exc))
     host = st.host
-    return JSONResponse({"model": host.model_name, "task": host.task.name, "adapter": adapter, "predictions": answers})
+    reply = {"model": host.model_name, "task": host.task.name, "adapter": adapter, "predictions": answers}
+    return signed(st, env, bytes(JSONResponse(reply).body), "application/json")
 
 
 def health() -> dict[str, str]:
@@ -195,8 +218,16 @@ def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse("\n".join(lines) + "\n")
 
 
-def close_session(session: str, request: Request) -> dict[str, bool]:
-    return {"closed": state_of(request).host.close(session)}
+def close_session(session: str, request: Request) -> Any:
+    st = state_of(request)
+    if st.guard is not None:
+        try:
+            env = st.guard.check("close", request.headers, b"")
+        except LinkRefused as exc:
+            return error(exc.status, str(exc))
+        if env.session != session:
+            return error(403, f"the request is signed for session '{env.session}', not '{session}'")
+    return {"closed": st.host.close(session)}
 
 
 @contextlib.asynccontextmanager
@@ -215,10 +246,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, guard: LinkGuard | None = None) -> FastAPI:
+    """The service's app; with ``guard`` every POST / DELETE must be signed and answers are signed."""
     sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
     app = FastAPI(title=f"EdgeLAM module {host.spec}", lifespan=lifespan)
-    app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep)
+    app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep, guard)
     app.add_middleware(ErrorGuard, stats=host.stats)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
@@ -232,15 +264,22 @@ def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: flo
 
 def serve(model: str | None, module: str, port: int, host: str = "127.0.0.1", adapters: dict[str, str] | None = None,
           session_ttl_s: float = 300.0, wire_dtype: str = "float32",
-          max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Load the module, then serve it until stopped (SIGINT / SIGTERM)."""
+          max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES,
+          keys: str | None = None, node: str | None = None, tls: tuple[str, str] | None = None) -> None:
+    """Load the module, then serve it until stopped (SIGINT / SIGTERM). ``keys`` (a keyring) and ``node``
+    (this service's name in it) authenticate the links; ``tls`` = (certificate, private key) serves HTTPS."""
     import uvicorn
 
     from edgelam.infer.launch import die_with_parent
     from edgelam.infer.modules import ModuleSpec
+    from edgelam.security.keys import KeyringError, load_keyring
 
     die_with_parent()  # started by a gateway / `edgelam infer`: never outlive it
+    if (keys is None) != (node is None):
+        raise KeyringError("--keys FILE and --node NAME go together (the keyring, and this service's name in it)")
+    guard = LinkGuard(load_keyring(keys), node) if keys is not None and node is not None else None
     mod = ModuleHost(model, ModuleSpec.parse(module), adapters, session_ttl_s=session_ttl_s,
                      max_request_tokens=max_request_tokens)
-    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes, guard=guard)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)

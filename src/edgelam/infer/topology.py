@@ -14,6 +14,8 @@
       - {a: device, b: edge2, rtt_ms: 10, distance_m: 250, bandwidth_mhz: 10}
     placement: auto              # or {edge1: [0, 2], edge2: [2, 4]}
     replicas: 1                  # services per block range; replica i on the i-th next node (failover targets)
+    keys: keys.json              # optional keyring (`edgelam keys`, nodes device + every edge node): each service
+                                 # takes only requests signed by the device and signs its answers (security/mac.py)
 
 ``open_topology`` starts the ``edgelam serve`` processes the mode needs (one per block range and
 replica for a pipeline; see ``infer/launch.py``), waits until each answers /ready, builds the
@@ -62,6 +64,8 @@ from edgelam.infer.speculative import (
     Speculative,
 )
 from edgelam.models.split import is_encoder
+from edgelam.security.keys import load_keyring
+from edgelam.security.mac import Signer
 
 __all__ = ["RUNNERS", "Runner", "Service", "Topology", "free_port", "load_topology", "open_topology", "start_service",
            "stop_services", "wait_ready"]
@@ -82,10 +86,12 @@ class Topology:
     emulate_links: bool = True
     hop_overhead_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    keys: str | None = None  # a keyring: authenticated links (None: plain HTTP as before)
 
 
 ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "max_new_tokens", "wire_dtype",
-           "emulate_links", "hop_overhead_ms"}
+           "emulate_links", "hop_overhead_ms", "keys"}
+DEVICE = "device"  # the coordinator's node name in a keyring
 MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
              "escalation": {"tiers"}, "multi_access": {"servers", "seed"}, "predict": PREDICT_KEYS}
 
@@ -196,7 +202,19 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
     return Topology(str(data.get("name", p.stem)), model, mode, nodes, links, placement,
                     _number(data, "replicas", 1, 1, where, integer=True),
                     _number(data, "max_new_tokens", 16, 1, where, integer=True), str(data.get("wire_dtype", "float32")),
-                    bool(data.get("emulate_links", True)), _number(data, "hop_overhead_ms", 0.0, 0, where), extra)
+                    bool(data.get("emulate_links", True)), _number(data, "hop_overhead_ms", 0.0, 0, where), extra,
+                    _check_keys(data, mode, [n.name for n in nodes], where))
+
+
+def _check_keys(data: dict[str, Any], mode: str, nodes: list[str], where: str) -> str | None:
+    """The keyring's path, once it is readable, private and holds the device and every node."""
+    if data.get("keys") is None:
+        return None
+    if not isinstance(data["keys"], str) or mode == "predict":
+        raise ConfigError(f"{where}: keys must be the path of a keyring (edgelam keys), in a generating mode "
+                          f"(not predict)")
+    load_keyring(data["keys"]).require([DEVICE, *nodes], f"{where}: the device and every node need a key")
+    return str(data["keys"])
 
 
 def radio_rate_bps(distance_m: float, bandwidth_hz: float = 10e6, tx_power_dbm: float = 23.0,
@@ -257,7 +275,10 @@ def link_to(topo: Topology, node: str) -> LinkShaper | None:
 
 
 def remote(topo: Topology, svc: Service, name: str | None = None) -> HttpTransport:
-    return HttpTransport(svc.url, name or svc.node, link_to(topo, svc.node), wire_dtype=topo.wire_dtype)
+    """The device's transport to ``svc``; with keys it signs as the device and expects answers from ``svc.node``."""
+    signer = Signer(load_keyring(topo.keys), DEVICE) if topo.keys else None
+    return HttpTransport(svc.url, name or svc.node, link_to(topo, svc.node), wire_dtype=topo.wire_dtype,
+                         signer=signer, peer=svc.node if signer else None)
 
 
 @dataclass
@@ -278,7 +299,8 @@ class Runner:
 # --- one Runner builder per mode: start the services into ``services``, build the coordinator ---
 
 def start(topo: Topology, module: str, node: str, services: list[Service]) -> Service:
-    svc = start_service(topo.model, module, node, topo.wire_dtype)
+    keys = ["--keys", topo.keys, "--node", node] if topo.keys else []
+    svc = start_service(topo.model, module, node, topo.wire_dtype, extra=keys)
     services.append(svc)  # appended at once: stopped on exit even if a later start fails
     return svc
 
