@@ -19,6 +19,7 @@ from edgelam.config_schemes import (
     AttackConfig,
     AsyncConfig,
     ClusterConfig,
+    FaultConfig,
     HierConfig,
     RankConfig,
     ScheduleConfig,
@@ -298,6 +299,7 @@ class RunConfig:
     beams: BeamConfig = field(default_factory=BeamConfig)  # data.source deepmimo: beam prediction
     sensing: SensingConfig = field(default_factory=SensingConfig)  # data.source wifi | wifi_sim: activities
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy, secure aggregation, unlearning
+    faults: FaultConfig = field(default_factory=FaultConfig)  # injected client drop-outs, stragglers, a full disk
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES
@@ -417,12 +419,17 @@ class RunConfig:
         if driver == "hier":
             _require(self.train.local_epochs is None, "train.local_epochs", "is not used by hierfavg (its devices train "
                      "fl.hier.kappa1 steps between edge aggregations); remove it", self.train.local_epochs)
+        if self.faults.on:
+            _require(driver != "split", "faults", f"drop and straggle apply to the federated schemes' client trips; split "
+                     f"learning ({s}) schedules its devices itself. Remove them", s)
+            _require(not self.privacy.secagg.enabled, "faults.drop", "cannot be combined with secure aggregation here; "
+                     "use privacy.secagg.dropout to model clients that go silent", self.faults.drop)
         if driver != "split":
             return
         for key, value, default in (("fl.fraction", self.fl.fraction, 1.0), ("train.prox_mu", self.train.prox_mu, 0.0),
                                     ("net.server_tier", self.net.server_tier, "edge"), ("eval.generate", self.eval.generate, 0),
                                     ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ()),
-                                    ("fl.aggregator", self.fl.aggregator, "mean"), ("fl.norm_bound", self.fl.norm_bound, None),
+                                    ("fl.norm_bound", self.fl.norm_bound, None),
                                     ("fl.attack.kind", self.fl.attack.kind, "none")):
             _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
                      f"server trains the middle); leave it at {default!r}", value)

@@ -152,3 +152,37 @@ class AttackConfig:
         _require(self.target is None or bool(self.target.strip()), "fl.attack.target", "must be a non-empty class "
                  "name or answer, or null", self.target)
         _require(0 < self.poison_rate <= 1, "fl.attack.poison_rate", "must be in (0, 1]", self.poison_rate)
+
+
+DROP_PHASES = ("download", "train", "upload", "any")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected faults (``fl/faults.py``), drawn per client trip from the run's seed.
+
+    drop: the share of trips in which the client drops out mid-way (``drop_phase``: during the
+    download, the local training or the upload; any: one of the three at random), at a uniform
+    point of that phase; what it spent up to then is charged, its update never arrives.
+    straggle: the share of trips whose local training takes ``slowdown`` times as long (a device
+    busy with other work). disk_full_at: the checkpoint written after this round fails once with
+    "no space left on device" half-way through its temporary file (a fault drill of the run folder).
+    """
+
+    drop: float = 0.0
+    drop_phase: str = "any"
+    straggle: float = 0.0
+    slowdown: float = 10.0
+    disk_full_at: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.drop < 1, "faults.drop", "must be in [0, 1)", self.drop)
+        _one_of(self.drop_phase, "faults.drop_phase", list(DROP_PHASES))
+        _require(0 <= self.straggle <= 1, "faults.straggle", "must be in [0, 1]", self.straggle)
+        _require(self.slowdown >= 1, "faults.slowdown", "must be >= 1", self.slowdown)
+        if self.disk_full_at is not None:
+            _require(self.disk_full_at >= 1, "faults.disk_full_at", "must be a round >= 1, or null", self.disk_full_at)
+
+    @property
+    def on(self) -> bool:
+        return self.drop > 0 or self.straggle > 0

@@ -60,6 +60,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
     folder = RunFolder.open(out, config) if resume else RunFolder.create(out, config)
     folder.keep_rounds = cfg.privacy.unlearn.checkpoints == "every"  # state/rounds/<r> (unlearning by rollback)
     folder.store_updates = cfg.privacy.unlearn.store_updates  # state/updates/<r> (FedEraser)
+    folder.disk_full_at = cfg.faults.disk_full_at  # a fault drill: that round's checkpoint meets a full disk
     try:
         folder.lock()
         driver = driver_for(cfg)
@@ -126,6 +127,8 @@ def finish(cfg: RunConfig, st: RunState, folder: RunFolder, outputs: dict[str, A
         "final_eval_tasks": evaluated[-1].get("eval_tasks"), "first_eval_loss": evaluated[0]["eval_loss"],
         **{f"{k}_total": v for k, v in st.totals.items()}, "plot": str(folder.path / "plots" / "curves.png"), "wall_s": wall_s,
     } | task_metrics(evaluated[0], evaluated[-1]) | outputs
+    if folder.skipped:  # checkpoints a full disk stopped (the run went on from memory)
+        summary["checkpoints_skipped"] = folder.skipped
     if "backdoor_asr" in evaluated[-1]:  # fl.attack backdoor: the trigger's success rate, round 0 -> final
         summary |= {"first_backdoor_asr": evaluated[0]["backdoor_asr"], "final_backdoor_asr": evaluated[-1]["backdoor_asr"]}
     folder.write_summary(summary)

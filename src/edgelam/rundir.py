@@ -18,8 +18,10 @@ file is touched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +41,8 @@ except ImportError:  # Windows: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
 from edgelam.store import atomic_write_bytes, atomic_write_json, atomic_write_text, to_json_line
+
+log = logging.getLogger("edgelam.run")
 
 CHECKPOINT = "state/checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -112,14 +116,15 @@ def config_drift(saved: dict[str, Any], now: dict[str, Any], free: tuple[str, ..
 # --- checkpoint ---
 
 
-def save_checkpoint(path: Path, st: RunState, config: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, st: RunState, config: dict[str, Any], disk_full: bool = False) -> None:
     # safetensors stores names sorted; the order is kept so a resumed run iterates (and so sums,
     # e.g. a gradient norm over parameters) in the same order as the uninterrupted one
     meta = {"round": st.round, "sim_time_s": st.sim_time_s, "totals": st.totals, "aux": st.aux_meta,
             "config": config, "fingerprint": fingerprint(config), "order": {"state": list(st.state), "aux": list(st.aux)}}
     tensors = {f"state.{k}": v.detach().clone() for k, v in st.state.items()}  # clusters may share storage
     tensors |= {f"aux.{k}": v.detach().clone() for k, v in st.aux.items()}
-    atomic_write_bytes(path, save(tensors, metadata={"edgelam": json.dumps(meta)}))
+    blob = save(tensors, metadata={"edgelam": json.dumps(meta)})
+    atomic_write_bytes(path, blob, len(blob) // 2 if disk_full else None)
 
 
 def load_checkpoint(path: Path) -> tuple[RunState, dict[str, Any] | None]:
@@ -128,14 +133,18 @@ def load_checkpoint(path: Path) -> tuple[RunState, dict[str, Any] | None]:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["edgelam"])
         tensors = load_file(str(path))
-    except (SafetensorError, KeyError, OSError, json.JSONDecodeError) as exc:
+        part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
+        order = meta.get("order", {})
+        part = {p: {k: part[p][k] for k in order.get(p, [])} | part[p] for p in part}
+        st = RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
+        config = meta.get("config")
+        if not (type(st.round) is int and st.round >= 0 and isinstance(st.sim_time_s, (int, float))
+                and isinstance(st.totals, dict) and isinstance(st.aux_meta, dict) and isinstance(config, (dict, type(None)))):
+            raise ValueError("its metadata is not a checkpoint's (round, sim_time_s, totals, aux, config)")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise RunFolderError(f"{path} is damaged ({type(exc).__name__}: {exc}); the run cannot resume from it. "
                              f"Start a new run with --out, or restore the file") from None
-    part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("state", "aux")}
-    order = meta.get("order", {})
-    part = {p: {k: part[p][k] for k in order.get(p, [])} | part[p] for p in part}
-    st = RunState(meta["round"], meta["sim_time_s"], part["state"], meta["totals"], part["aux"], meta.get("aux", {}))
-    return st, meta.get("config")
+    return st, config
 
 
 def round_file(round_idx: int) -> str:
@@ -200,7 +209,7 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
             row = json.loads(line)
             if not isinstance(row, dict) or not isinstance(row.get("round"), int):
                 raise ValueError("not a metrics row")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if i == len(lines):
                 return rows, True
             raise RunFolderError(f"{path} line {i} is damaged ({exc}); rows after it would be lost. Repair or remove "
@@ -272,6 +281,8 @@ class RunFolder:
         self.keep_rounds = False  # privacy.unlearn.checkpoints: every (set by the lifecycle)
         self.store_updates = False  # privacy.unlearn.store_updates
         self.made = False  # ``create`` made the folder itself
+        self.disk_full_at: int | None = None  # faults.disk_full_at: the checkpoint of this round meets a full disk
+        self.skipped: list[int] = []  # rounds whose checkpoint a full disk stopped (the previous one stayed whole)
         self._lock_fh: Any = None
 
     @classmethod
@@ -327,8 +338,13 @@ class RunFolder:
         try:
             return fn()
         except OSError as exc:
-            raise RunFolderError(f"cannot write the run folder {self.path}: {exc.strerror or exc} "
-                                 f"({exc.filename or self.path}); choose a writable --out") from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> RunFolderError:
+        fix = (f"the last checkpoint is whole: free space and resume with `edgelam run --resume {self.path}`"
+               if exc.errno == errno.ENOSPC else "choose a writable --out")
+        return RunFolderError(f"cannot write the run folder {self.path}: {exc.strerror or exc} "
+                              f"({exc.filename or self.path}); {fix}")
 
     # --- resume ---
 
@@ -372,7 +388,20 @@ class RunFolder:
         self.rows.append(row)
 
     def checkpoint(self, st: RunState) -> None:
-        self._write(lambda: save_checkpoint(self.path / CHECKPOINT, st, self.config))
+        """A full disk here is survived: the previous checkpoint stays whole (the write goes to a
+        temporary file), the round is noted in ``skipped`` and the next round tries again; a resume
+        from the older checkpoint recomputes the rounds after it identically."""
+        drill = st.round == self.disk_full_at
+        if drill:
+            self.disk_full_at = None  # the drill fills the disk once
+        try:
+            save_checkpoint(self.path / CHECKPOINT, st, self.config, drill)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise self._error(exc) from None
+            log.warning("the checkpoint of round %d was not written (%s); the run goes on from memory and the last "
+                        "checkpoint stays whole", st.round, exc.strerror)
+            self.skipped.append(st.round)
 
     def commit(self, st: RunState, row: dict[str, Any], updates: Updates | None = None) -> None:
         """A finished round: refuse NaN losses, then the round's updates (if kept), the row, the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,13 +13,17 @@ from typing import Any
 import numpy as np
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, full_after: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename.
+    ``full_after``: a fault drill, the disk fills after that many bytes (ENOSPC mid-write)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if full_after is not None:
+                fh.write(data[:full_after])
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: faults.disk_full_at)", tmp)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -80,6 +85,7 @@ class Purpose(IntEnum):
     DP_NOISE = 60  # differential privacy's Gaussian noise (privacy/mechanism.py keys its own draws)
     SECAGG = 61  # (round, edge): secure aggregation's client secrets and who goes silent
     ATTACK = 62  # malicious clients (fl/attacks.py): who they are, their noise
+    FAULT = 63  # injected faults (fl/faults.py): which trips drop out or straggle, and where
     SPLIT_DROPOUT = 5  # (round): dropout during a split round's steps (alias, see above)
     SPLIT_SCHEDULE = 6  # (round): the random baseline scheduler (alias, see above)
     CLASS_POOL = 20  # classification data: the training pool

@@ -48,9 +48,10 @@ def run_sync(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         updates = aggregate_input(ctx, st, res, r)
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
         via_cloud = cfg.net.server_tier == "cloud"  # then every transfer also crosses the backhaul
-        backhaul = (sum(j.cost.bytes_up for j in res.jobs), sum(j.cost.bytes_down for j in res.jobs + res.dropped))
+        sent = res.jobs + res.rejected + res.lost
+        backhaul = (sum(j.cost.bytes_up for j in sent), sum(j.cost.bytes_down for j in sent + res.dropped))
         row = metrics_row(st, r, res.jobs, res.end_time_s, wall(), res.dropped, backhaul=backhaul if via_cloud else (0, 0),
-                          rejected=res.rejected)
+                          rejected=res.rejected, lost=res.lost)
         if res.secagg is not None:
             row["secagg"] = res.secagg
         st.state, st.sim_time_s, st.round = new_state, res.end_time_s, r
@@ -65,11 +66,13 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         hres = run_hier_round(env, ctx, st, select_clients(ctx, r), r)
         updates = hier_input(ctx, st, hres, r)
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
-        row = metrics_row(st, r, hres.jobs, hres.end_time_s, wall(), backhaul=hres.backhaul)
+        ok = [j for j in hres.jobs if not j.rejected and not j.lost]
+        row = metrics_row(st, r, ok, hres.end_time_s, wall(), backhaul=hres.backhaul,
+                          rejected=[j for j in hres.jobs if j.rejected], lost=[j for j in hres.jobs if j.lost])
         if hres.secagg is not None:
             row["secagg"] = hres.secagg
         st.state, st.sim_time_s, st.round = new_state, hres.end_time_s, r
-        commit(row | privacy_row(ctx, st) | received(ctx, hres.jobs))
+        commit(row | privacy_row(ctx, st) | received(ctx, ok))
 
 
 def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> list[Any]:
@@ -81,7 +84,8 @@ def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> 
     ledger = load_ledger(st.aux_meta)
     dp = ctx.privacy.dp
     if dp.mode == "central" and dp.noise_at == "cloud" and not ctx.cfg.privacy.secagg.enabled:
-        updates = ctx.privacy.release(ledger, hres.jobs, [], population_by_adapter(ctx, st.state),
+        arrived = [j for j in hres.jobs if not j.rejected and not j.lost]
+        updates = ctx.privacy.release(ledger, arrived, [], population_by_adapter(ctx, st.state),
                                       ctx.strategy.adapters(st.state), round_idx, record=False)
     else:
         updates = filled(hres.edge_updates, ctx.strategy.reduce)

@@ -18,6 +18,7 @@ import simpy
 from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.rundir import RunState
+from edgelam.fl.faults import Fault
 from edgelam.fl.rounds import Job, metrics_row, privacy_row, start_job
 from edgelam.fl.strategies.base import AsyncStrategy, get_prefixed, put_prefixed
 from edgelam.net.topology import ClientCost, link_state
@@ -44,7 +45,7 @@ def _pack(jobs: dict[int, Job]) -> tuple[dict[str, Any], dict[str, Any]]:
         upd = {f.name: getattr(j.update, f.name) for f in dataclasses.fields(j.update) if f.name != "state"}
         upd["unsent"] = sorted(upd["unsent"])  # JSON
         meta[str(k)] = {"version": j.version, "arrival_s": j.arrival_s, "update": upd, "cost": dataclasses.asdict(j.cost),
-                        "rejected": j.rejected, "delta_norm": j.delta_norm}
+                        "rejected": j.rejected, "delta_norm": j.delta_norm, "fault": dataclasses.asdict(j.fault)}
     return tensors, meta
 
 
@@ -55,7 +56,7 @@ def _unpack(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[int, Job]:
         facts = m["update"] | {"unsent": frozenset(m["update"].get("unsent", ()))}
         upd = ClientUpdate(state=get_prefixed(tensors, f"{k}.update"), **facts)
         jobs[k] = Job(k, m["version"], get_prefixed(tensors, f"{k}.start"), upd, ClientCost(**m["cost"]), m["arrival_s"],
-                      m.get("rejected", ""), m.get("delta_norm", 0.0))
+                      m.get("rejected", ""), m.get("delta_norm", 0.0), Fault(**m.get("fault", {})))
     return jobs
 
 
@@ -84,6 +85,7 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     inbox = simpy.Store(env)
     pending: list[tuple[Job, int]] = []  # arrivals since the last version, with their staleness
     rejects: list[Job] = []  # arrivals the gate refused since the last version
+    lost: list[Job] = []  # trips that dropped out mid-way (faults.drop) since the last version
 
     def trip(k: int, job: Job | None = None):  # type: ignore[no-untyped-def]
         job = job or _dispatch(ctx, st, k, counts, share, env.now)
@@ -94,8 +96,9 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
 
     def new_version() -> None:
         row = metrics_row(st, st.round + 1, [j for j, _ in pending], env.now, wall(), staleness=[s for _, s in pending],
-                          rejected=list(rejects))
+                          rejected=list(rejects), lost=list(lost))
         rejects.clear()
+        lost.clear()
         if privacy is not None:
             privacy.record_async(ledger, [(j.client, strategy.dp_weight(s)) for j, s in pending])
         st.round, st.sim_time_s = st.round + 1, float(env.now)
@@ -109,6 +112,10 @@ def run_async(ctx: Context, st: RunState, commit: Callable[[dict[str, Any]], Non
     def server():  # type: ignore[no-untyped-def]
         while st.round < rounds:
             job: Job = yield inbox.get()
+            if job.lost:  # the connection went mid-trip: charged up to there; the device starts afresh
+                lost.append(job)
+                env.process(trip(job.client))
+                continue
             if job.rejected:  # refused by the server's gate (fl/validate.py): charged, never folded in
                 rejects.append(job)
                 if len(rejects) > 20 * len(active):  # nothing gets through: stop rather than loop forever

@@ -16,6 +16,8 @@ from edgelam.fl.client import ClientUpdate
 from edgelam.fl.context import Context
 from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
 from edgelam.fl.transforms import Trip, apply_chain, delta_norm, to_server
+from edgelam.fl import faults
+from edgelam.fl.faults import Fault
 from edgelam.fl.validate import bound, rejection
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
@@ -38,6 +40,12 @@ class Job:
     arrival_s: float
     rejected: str = ""  # why the server's gate refused the update (fl/validate.py); "" = accepted
     delta_norm: float = 0.0  # L2 norm of the received delta (before fl.norm_bound): what to set a bound from
+    fault: Fault = Fault()  # injected (faults): a drop-out mid-trip (its cost cut where it stopped), a straggler
+
+    @property
+    def lost(self) -> bool:
+        """Dropped out mid-trip (faults.drop): charged what it spent, its update never arrives."""
+        return self.fault.phase is not None
 
 
 def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train: TrainConfig | None = None) -> ClientWork:
@@ -78,12 +86,14 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
                                f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
         cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0], plan.flops)
+        fault = faults.draw(ctx.cfg.faults, ctx.cfg.seed, w.seed)
+        cost = faults.apply(cost, fault, ctx.cfg.faults.slowdown)
         # the server sees only what crossed; what the client did not train (``unsent``) it keeps at the start
         # value here, and a synchronous round's reduce takes from the clients that sent it (fill_unsent)
         got_state = res.start if rejected else bound(to_server(sent, res.start), res.start, ctx.cfg.fl.norm_bound)
         upd = dataclasses.replace(res.update, state=got_state | {k: res.start[k] for k in res.update.unsent})
         norm = 0.0 if rejected else delta_norm(to_server(sent, res.start), res.start)
-        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected, norm))
+        jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected, norm, fault))
     return jobs
 
 
@@ -166,6 +176,7 @@ class RoundResult:
     released: list[Any] | None = None  # secure aggregation: the unmasked aggregate per adapter ([]: failed)
     secagg: dict[str, Any] | None = None  # the metrics line's ``secagg`` block
     rejected: list[Job] = dataclasses.field(default_factory=list)  # arrived, refused by the gate (charged)
+    lost: list[Job] = dataclasses.field(default_factory=list)  # dropped out mid-trip (faults.drop; charged their part)
 
 
 def secure_cohort(ctx: Context, st: RunState, jobs: Sequence[Job], links: dict[int, LinkState], round_idx: int,
@@ -204,7 +215,8 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
         if job.client in silent:
             return
         yield env.timeout(job.cost.t_up_s)
-        arrived[job.client] = job
+        if not job.lost:  # a lost trip's costs stop where it dropped out; the server learns it then
+            arrived[job.client] = job
 
     everyone = env.all_of([env.process(client(jobs[k])) for k in selected])
     if cfg.fl.deadline_s is None:
@@ -216,8 +228,9 @@ def run_round(env: simpy.Environment, ctx: Context, st: RunState, selected: list
         env.run(until=env.now + unmask_s)
     done = [jobs[k] for k in selected if k in arrived and not jobs[k].rejected]
     released = [r for o in secure for r in o.released] if secure else None
-    return RoundResult(done, [jobs[k] for k in selected if k not in arrived], float(env.now), released,
-                       merge_reports(secure) if secure else None, [jobs[k] for k in selected if k in arrived and jobs[k].rejected])
+    return RoundResult(done, [jobs[k] for k in selected if k not in arrived and not jobs[k].lost], float(env.now), released,
+                       merge_reports(secure) if secure else None, [jobs[k] for k in selected if k in arrived and jobs[k].rejected],
+                       [jobs[k] for k in selected if jobs[k].lost])
 
 
 def trained_loss(ups: Sequence[ClientUpdate]) -> float | None:
@@ -228,17 +241,21 @@ def trained_loss(ups: Sequence[ClientUpdate]) -> float | None:
 
 def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: float, wall_s: float,
                 dropped: Sequence[Job] = (), staleness: Sequence[int] | None = None,
-                backhaul: tuple[int, int] = (0, 0), rejected: Sequence[Job] = ()) -> dict[str, Any]:
-    """One metrics line. Dropped clients are charged their download and compute, not an upload.
-    ``backhaul`` is (bytes up, bytes down) over the wired edge-cloud links this round."""
+                backhaul: tuple[int, int] = (0, 0), rejected: Sequence[Job] = (), lost: Sequence[Job] = ()) -> dict[str, Any]:
+    """One metrics line. Clients dropped at a deadline are charged their download and compute, not
+    an upload; clients lost mid-trip (faults.drop) what they spent before the drop (their cost is
+    cut there). ``backhaul`` is (bytes up, bytes down) over the wired edge-cloud links this round."""
     stale = list(staleness) if staleness is not None else [0] * len(jobs)
     ups = [j.update for j in jobs]
+    spent = [*jobs, *rejected, *lost]
     step = {
-        "bytes_up": sum(j.cost.bytes_up for j in [*jobs, *rejected]),
-        "bytes_down": sum(j.cost.bytes_down for j in [*jobs, *dropped, *rejected]),
+        "bytes_up": sum(j.cost.bytes_up for j in spent),
+        "bytes_down": sum(j.cost.bytes_down for j in [*spent, *dropped]),
         "bytes_backhaul_up": backhaul[0], "bytes_backhaul_down": backhaul[1],
-        "energy_j": sum(j.cost.e_tx_j + j.cost.e_comp_j for j in [*jobs, *rejected]) + sum(j.cost.e_comp_j for j in dropped),
+        "energy_j": sum(j.cost.e_tx_j + j.cost.e_comp_j for j in spent) + sum(j.cost.e_comp_j for j in dropped),
     }
+    faults = {"faults": [j.fault.report(j.client) for j in lost]} if lost else {}
+    slow = sorted(j.client for j in [*spent, *dropped] if j.fault.straggled)
     st.totals = {k: st.totals.get(k, 0) + v for k, v in step.items()}
     return {
         "round": round_idx, "sim_time_s": end_time_s, "round_time_s": end_time_s - st.sim_time_s,
@@ -248,6 +265,7 @@ def metrics_row(st: RunState, round_idx: int, jobs: Sequence[Job], end_time_s: f
         **step, **{f"{k}_total": v for k, v in st.totals.items()},
         "clients": [u.client for u in ups], "dropped": [j.client for j in dropped],
         **({"rejected": [{"client": j.client, "reason": j.rejected} for j in rejected]} if rejected else {}),
+        **faults, **({"stragglers": slow} if slow else {}),
         "client_stats": [{
             "client": j.client, "adapter": j.update.adapter, "samples": j.update.num_samples,
             "train_loss": j.update.train_loss, "steps": j.update.steps, "tokens": j.update.tokens, "flops": j.update.flops,
