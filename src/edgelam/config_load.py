@@ -54,6 +54,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        _require(isinstance(value, float) or abs(value) < 2**1024, key, "must be a number that a float can hold (< 1.8e308)",
+                 value)  # a longer integer has no float
         return float(value)
     if tp is str:
         _require(isinstance(value, str), key, "must be a string", value)
@@ -85,7 +87,10 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({exc})") from None
     return out
 
 
@@ -104,7 +109,7 @@ def load_config(path: str | os.PathLike[str], overrides: typing.Sequence[str] = 
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file '{p}' is not UTF-8 text ({exc.reason} at byte {exc.start}); is it a YAML file?") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"config file '{p}' is empty; start from one in configs/ (`edgelam ls` lists them)")

@@ -90,6 +90,8 @@ def read_records(path: Path) -> list[Record]:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deep to read") from None
         records = [(f"record {i}", r) for i, r in enumerate(rows, start=1)]
     else:
         # split on '\n' only: str.splitlines() also breaks at U+2028, which JSON strings may hold
@@ -101,6 +103,8 @@ def read_records(path: Path) -> list[Record]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                 f"a JSON-lines file holds one JSON object per line") from None
+            except RecursionError:
+                raise DataError(f"{path} line {n}: JSON nested too deep to read") from None
     for where, r in records:
         if not isinstance(r, dict):
             raise DataError(f"{path} {where}: every record must be a JSON object {{...}}, got a {type(r).__name__}")

@@ -254,7 +254,7 @@ class ModuleHost:
     def _blocks(self, hidden: Tensor, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         sid = meta.get("session")
         pos = meta.get("position", 0)
-        if not isinstance(sid, str) or not sid or not isinstance(pos, int) or pos < 0:
+        if not isinstance(sid, str) or not sid or type(pos) is not int or pos < 0:  # JSON true is no position
             raise ModuleError("blocks need metadata 'session' (a non-empty string) and 'position' (an integer >= 0)")
         if hidden.shape[0] != 1:
             raise ModuleError("sessions hold one sequence: 'hidden' must have batch size 1")

@@ -220,6 +220,8 @@ class SecAggClient:
         _need("AdvertiseKeys", len(keys), self.params.threshold)
         if self.uid not in keys or len(set(keys.values())) != len(keys):
             raise SecAggError(f"secagg: client {self.uid}: key list lacks it or repeats a key")
+        if any(len(k) != 2 * _KEY for k in keys.values()):
+            raise SecAggError(f"secagg: client {self.uid}: key list holds entries that are not two {_KEY}-byte keys")
         self._keys = {v: (X25519PublicKey.from_public_bytes(k[:_KEY]), X25519PublicKey.from_public_bytes(k[_KEY:]))
                       for v, k in keys.items()}
         u1, t = sorted(keys), self.params.threshold
@@ -295,8 +297,10 @@ class SecAggServer:
     def masked_input(self, msgs: list[bytes]) -> bytes:
         """End of round 2: keeps the masked inputs y_u and names the survivors U3."""
         k = ring_bits(self.params.bits, len(self._keys))
-        sent = _collect(msgs, _MASKED, lambda u, r: u in self._u2 and set(r) == {u}, "MaskedInputCollection")
-        self._y = {u: np.frombuffer(r[u], dtype=f"<u{word_bytes(k)}").astype(np.uint64) for u, r in sent.items()}
+        word = word_bytes(k)
+        sent = _collect(msgs, _MASKED, lambda u, r: u in self._u2 and set(r) == {u} and len(r[u]) % word == 0,
+                        "MaskedInputCollection")
+        self._y = {u: np.frombuffer(r[u], dtype=f"<u{word}").astype(np.uint64) for u, r in sent.items()}
         if len({y.size for y in self._y.values()}) > 1:
             raise SecAggError(f"secagg: masked inputs differ in length: {sorted({y.size for y in self._y.values()})}")
         _need("MaskedInputCollection", len(self._y), self.params.threshold)
