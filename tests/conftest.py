@@ -41,6 +41,17 @@ def repo() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads():
+    """A run with ``threads: 1`` sets torch's thread count for the process; give later tests theirs back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _data_root(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests find the real data beside the repository, whatever the working directory.
     if "EDGELAM_DATA" not in os.environ:

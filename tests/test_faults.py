@@ -56,7 +56,7 @@ def check_lost_work(rows: list[dict], n_clients: int, rounds: bool = True) -> in
 
 @pytest.mark.parametrize("config", ["tiny_fedbuff.yaml", "tiny_hierarchical.yaml"])
 def test_async_and_hierarchical_runs_finish_with_drop_outs_accounted(repo, tmp_path, config):
-    cfg = load_config(repo / "configs" / config, ["faults.drop=0.4", "faults.straggle=0.3", "threads=1", "eval.every=100"])
+    cfg = load_config(repo / "configs" / config, ["faults.drop=0.4", "faults.straggle=0.3", "eval.every=100"])
     summary = run(cfg, tmp_path / "run")
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert summary["rounds"] == cfg.fl.rounds and check_lost_work(rows, cfg.data.num_clients, False) > 0
@@ -65,7 +65,7 @@ def test_async_and_hierarchical_runs_finish_with_drop_outs_accounted(repo, tmp_p
 
 def test_sync_faults_and_a_full_disk_survived_and_resume_exact(repo, tmp_path):
     over = ["fl.rounds=3", "data.num_clients=4", "faults.drop=0.35", "faults.straggle=0.3", "faults.disk_full_at=2",
-            "threads=1", "eval.generate=0"]
+            "eval.generate=0"]
     whole = run(load_config(repo / "configs/tiny.yaml", over), tmp_path / "whole")
     assert whole["rounds"] == 3 and whole["checkpoints_skipped"] == [2]
     rows = read_jsonl(tmp_path / "whole" / "metrics.jsonl")

@@ -6,10 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from peft import PeftModel
+from typer.testing import CliRunner
+
+from edgelam.cli import app
 
 from edgelam.store import read_jsonl
 
@@ -17,8 +21,21 @@ REQUIRED = {"round", "sim_time_s", "train_loss", "eval_loss", "eval_ppl", "eval_
             "energy_j", "clients"}
 
 
-def _edgelam(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgelam.cli", *args], cwd=repo, capture_output=True, text=True, **kw)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _edgelam(repo: Path, *args: str, own_process: bool = False) -> Done:
+    """``edgelam ARGS``: in this process (typer's CliRunner, configs named from the repository root),
+    or as its own process (the installed entry point, as a user runs it)."""
+    if own_process:
+        proc = subprocess.run([sys.executable, "-m", "edgelam.cli", *args], cwd=repo, capture_output=True, text=True)
+        return Done(proc.returncode, proc.stdout, proc.stderr)
+    res = CliRunner().invoke(app, [str(repo / a) if a.startswith("configs/") else a for a in args])
+    return Done(res.exit_code, res.stdout, res.stderr)
 
 
 def _comparable(rows):
@@ -28,7 +45,7 @@ def _comparable(rows):
 
 def test_tiny_config_through_the_cli(repo, tmp_path):
     out = tmp_path / "run"
-    proc = _edgelam(repo, "run", "configs/tiny.yaml", "--out", str(out))
+    proc = _edgelam(repo, "run", "configs/tiny.yaml", "--out", str(out), own_process=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("data: ")
     rows = read_jsonl(out / "metrics.jsonl")
@@ -64,7 +81,8 @@ def test_same_seed_same_metrics_other_seed_differs(repo, tmp_path):
 
 def test_kill_minus_nine_then_resume_matches_uninterrupted(repo, tmp_path):
     overrides = ["fl.rounds=12", "train.local_steps=6", "eval.generate=0"]
-    ref = _edgelam(repo, "run", "configs/tiny.yaml", *overrides, "--out", str(tmp_path / "ref"))
+    # every run of this test in its own process: the same torch thread count as the killed one
+    ref = _edgelam(repo, "run", "configs/tiny.yaml", *overrides, "--out", str(tmp_path / "ref"), own_process=True)
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
@@ -79,7 +97,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(repo, tmp_path):
     assert 4 <= done < 13, f"the kill must land mid-run (saw {done} rows)"
     assert not (out / "summary.json").exists()
 
-    resumed = _edgelam(repo, "run", "--resume", str(out))
+    resumed = _edgelam(repo, "run", "--resume", str(out), own_process=True)
     assert resumed.returncode == 0, resumed.stderr
     assert _comparable(read_jsonl(out / "metrics.jsonl")) == _comparable(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
     ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())

@@ -4,11 +4,13 @@ drift, --out over a user's files, diverged training. Each case names what must h
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from edgelam.cli import app
 
 from edgelam.rundir import RunFolder, RunFolderError, RunState, read_rows
 from edgelam.store import read_jsonl
@@ -16,8 +18,18 @@ from edgelam.store import read_jsonl
 OVR = ["fl.rounds=3", "eval.generate=0", "train.local_steps=2"]
 
 
-def _edgelam(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgelam.cli", *args], cwd=repo, capture_output=True, text=True)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _edgelam(repo: Path, *args: str) -> Done:
+    """``edgelam ARGS`` in this process (typer's CliRunner; configs named from the repository root)."""
+    args = tuple(str(repo / a) if a.startswith("configs/") else a for a in args)
+    res = CliRunner().invoke(app, list(args))
+    return Done(res.exit_code, res.stdout, res.stderr)
 
 
 def _comparable(rows):
