@@ -196,6 +196,9 @@ def serve_cmd(
     node: Optional[str] = typer.Option(None, "--node", help="this service's node name in the keyring (with --keys)"),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM): serve HTTPS"),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="the certificate's private key (PEM)"),
+    max_concurrent: int = typer.Option(256, "--max-concurrent",  # = limits.DEFAULT_SERVICE_MAX_CONCURRENT
+                                       help="most requests in flight (503 with Retry-After above; /health, /ready "
+                                            "and /metrics always answer)"),
 ) -> None:
     """Serve one module of a model over HTTP (FastAPI): /v1/forward, /v1/predict, /health, /ready, /info, /metrics.
     The task (causal LM, classification) and base model come from the adapters' task cards."""
@@ -210,13 +213,15 @@ def serve_cmd(
             raise ConfigError(f"--wire-dtype must be float32 or float16, got '{wire_dtype}'")
         if max_request_tokens < 1 or not max_body_mb > 0:
             raise ConfigError("--max-request-tokens must be >= 1 and --max-body-mb > 0")
+        if max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
         if (tls_cert is None) != (tls_key is None) or any(p and not p.is_file() for p in (tls_cert, tls_key)):
             raise ConfigError("--tls-cert and --tls-key go together and must name existing PEM files "
                               "(edgelam keys --tls makes them)")
         try:
             serve(model, module, port, host, adapters, session_ttl, wire_dtype, max_request_tokens,
                   int(max_body_mb * 2**20), str(keys) if keys else None, node,
-                  (str(tls_cert), str(tls_key)) if tls_cert and tls_key else None)
+                  (str(tls_cert), str(tls_key)) if tls_cert and tls_key else None, max_concurrent=max_concurrent)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -351,13 +356,16 @@ def gateway_cmd(
                                          help="most tokens one request may ask for (max_tokens above it: 400)"),
     api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="keyring whose api_keys the clients must send "
                                             "as Authorization: Bearer (edgelam keys --api-key NAME)"),
+    max_concurrent: int = typer.Option(64, "--max-concurrent",  # = limits.DEFAULT_GATEWAY_MAX_CONCURRENT
+                                       help="most requests in flight, waiting ones included (503 with Retry-After "
+                                            "above; /health always answers)"),
 ) -> None:
     """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, streaming) in front of a topology."""
-    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit, api_keys))
+    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit, api_keys, max_concurrent))
 
 
 def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapter: str | None = None,
-                max_tokens_limit: int = 1024, api_keys: Path | None = None) -> None:
+                max_tokens_limit: int = 1024, api_keys: Path | None = None, max_concurrent: int = 64) -> None:
     """Start the topology and serve the gateway until SIGINT / SIGTERM; the services stop with it."""
     import uvicorn
 
@@ -368,6 +376,8 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
     _check_port(port)
     if max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    if max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     from edgelam.security.keys import load_api_keys
 
     bearer = load_api_keys(api_keys) if api_keys else None
@@ -376,7 +386,7 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
     ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0) or None
     with open_topology(topo, base.model.config, adapter) as runner:
         app_ = create_gateway(runner.stream, base.tokenizer, topo.model, min(topo.max_new_tokens, max_tokens_limit),
-                              max_tokens_limit, ctx, runner.dead, bearer)
+                              max_tokens_limit, ctx, runner.dead, bearer, max_concurrent=max_concurrent)
         console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1"
                       + (f" (API keys required: {len(bearer)} from {api_keys})" if bearer else ""))
         uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

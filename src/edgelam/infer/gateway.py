@@ -14,7 +14,8 @@ ends with an SSE ``error`` event instead of ``[DONE]``); 500 with ``Connection: 
 anything unexpected; 502 when a link to a service fails its integrity check (``IntegrityError``).
 With API keys (``create_gateway(api_keys=...)``, ``edgelam gateway --api-keys FILE``) every request
 but ``/health`` needs ``Authorization: Bearer <key>``: 401 without or malformed, 403 for a wrong key
-(``security/bearer.py``). ``/health`` is 503 ``degraded`` while some module has no live service.
+(``security/bearer.py``). ``/health`` is 503 ``degraded`` while some module has no live service. More than
+``--max-concurrent`` requests in flight: 503 with Retry-After (``limits.py``).
 One generation runs at a time; it runs in a worker thread that stops at the next token when
 its client goes away, so a dropped stream frees the topology at once.
 """
@@ -33,7 +34,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from edgelam.infer import openapi
 from edgelam.infer.client import StageDown
+from edgelam.infer.limits import DEFAULT_GATEWAY_MAX_CONCURRENT, ConcurrencyLimit
 from edgelam.infer.modules import ModuleError
 from edgelam.infer.service import BodyTooLarge, ErrorGuard, read_limited
 from edgelam.security.bearer import BearerGuard
@@ -141,7 +144,7 @@ async def body_of(request: Request) -> dict[str, Any]:
     raw = await read_limited(request, MAX_REQUEST_BYTES)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise BadRequest("the body must be JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -328,18 +331,21 @@ def models(request: Request) -> dict[str, Any]:
 
 def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_tokens: int = 64,
                    max_tokens_limit: int = 1024, context_tokens: int | None = None,
-                   health_check: Health | None = None, api_keys: dict[str, str] | None = None) -> FastAPI:
+                   health_check: Health | None = None, api_keys: dict[str, str] | None = None,
+                   max_concurrent: int = DEFAULT_GATEWAY_MAX_CONCURRENT) -> FastAPI:
     """The gateway app; ``context_tokens`` (the model's context) bounds prompt + max_tokens, ``health_check``
     names the modules with no live service; ``api_keys`` (name -> key), when given, are the bearer tokens
     every request but /health must carry."""
     app = FastAPI(title=f"EdgeLAM gateway ({model_id})")
     app.state.gateway = GatewayState(backend, tokenizer, model_id, default_max_tokens, max_tokens_limit,
                                      context_tokens, health_check)
+    app.add_middleware(ConcurrencyLimit, max_concurrent=max_concurrent, flag="edgelam gateway --max-concurrent",
+                       render=lambda m: openai_error(m, "service_unavailable", "too_many_requests"))
     app.add_middleware(ErrorGuard, render=lambda m: openai_error(m, "server_error"))
     if api_keys:
         app.add_middleware(BearerGuard, api_keys=api_keys)  # outermost: refused before anything else runs
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"], openapi_extra=openapi.CHAT)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], openapi_extra=openapi.COMPLETION)
     return app

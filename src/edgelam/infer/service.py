@@ -19,6 +19,8 @@ unknown node, a MAC that does not verify (body or headers altered) or a sequence
 the last accepted one for that (session, node) (a replay or reorder); successful answers are signed.
 An unexpected failure is a JSON 500 with ``Connection: close``, so a
 keep-alive client never meets a reset connection. ``errors_total`` counts every error response.
+More than ``--max-concurrent`` requests in flight: 503 with Retry-After (``limits.py``; /health, /ready
+and /metrics always answer).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgelam.infer import openapi
+from edgelam.infer.limits import DEFAULT_SERVICE_MAX_CONCURRENT, ConcurrencyLimit
 from edgelam.infer.modules import DEFAULT_MAX_REQUEST_TOKENS, ModuleError, ModuleHost
 from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
 from edgelam.security.mac import Envelope, LinkGuard, LinkRefused, bound
@@ -154,7 +158,7 @@ def predict_request(body: bytes) -> tuple[list[Any], str | None, bool]:
     """(inputs, adapter, truncate) of a /v1/predict body; ``ValueError`` naming what is wrong."""
     try:
         req = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ValueError(f"the body must be JSON ({exc})") from None
     if not isinstance(req, dict):
         raise ValueError('the body must be a JSON object {"inputs": ...}')
@@ -246,26 +250,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, guard: LinkGuard | None = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, guard: LinkGuard | None = None,
+               max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT) -> FastAPI:
     """The service's app; with ``guard`` every POST / DELETE must be signed and answers are signed."""
     sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
     app = FastAPI(title=f"EdgeLAM module {host.spec}", lifespan=lifespan)
     app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep, guard)
-    app.add_middleware(ErrorGuard, stats=host.stats)
+    app.add_middleware(ConcurrencyLimit, max_concurrent=max_concurrent, flag="edgelam serve --max-concurrent")
+    app.add_middleware(ErrorGuard, stats=host.stats)  # outside the limit: its 503s are counted too
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/sessions/{session}", close_session, methods=["DELETE"])
-    app.add_api_route("/v1/forward", forward, methods=["POST"])
-    app.add_api_route("/v1/predict", predict, methods=["POST"])
+    app.add_api_route("/v1/forward", forward, methods=["POST"], openapi_extra=openapi.FORWARD)
+    app.add_api_route("/v1/predict", predict, methods=["POST"], openapi_extra=openapi.PREDICT)
     return app
 
 
 def serve(model: str | None, module: str, port: int, host: str = "127.0.0.1", adapters: dict[str, str] | None = None,
           session_ttl_s: float = 300.0, wire_dtype: str = "float32",
           max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES,
-          keys: str | None = None, node: str | None = None, tls: tuple[str, str] | None = None) -> None:
+          keys: str | None = None, node: str | None = None, tls: tuple[str, str] | None = None,
+          max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT) -> None:
     """Load the module, then serve it until stopped (SIGINT / SIGTERM). ``keys`` (a keyring) and ``node``
     (this service's name in it) authenticate the links; ``tls`` = (certificate, private key) serves HTTPS."""
     import uvicorn
@@ -280,6 +287,8 @@ def serve(model: str | None, module: str, port: int, host: str = "127.0.0.1", ad
     guard = LinkGuard(load_keyring(keys), node) if keys is not None and node is not None else None
     mod = ModuleHost(model, ModuleSpec.parse(module), adapters, session_ttl_s=session_ttl_s,
                      max_request_tokens=max_request_tokens)
-    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes, guard=guard)
+    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes, guard=guard, max_concurrent=max_concurrent)
+    # a TLS connection's close waits for the peer's close_notify: bound the graceful shutdown then
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
+                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+                timeout_graceful_shutdown=2 if tls else None)

@@ -165,7 +165,7 @@ def _read_mapping(p: Path) -> dict[str, Any]:
         raise ConfigError(f"topology file '{p}' not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ConfigError(f"topology {p} is not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"topology {p} must be a YAML mapping (name:, model:, mode:, nodes:, ...), "
