@@ -16,6 +16,7 @@ from edgelam.fl.rounds import run_round, select_clients
 from edgelam.fl.transforms import delta_norm
 from edgelam.fl.validate import bound, rejection
 from edgelam.lifecycle import run
+from edgelam.store import read_jsonl
 
 
 def st(*xs: float) -> dict[str, torch.Tensor]:
@@ -88,3 +89,32 @@ def test_a_sign_flipping_attacker_wrecks_fedavg_not_multi_krum(repo, tmp_path):
     # where the clean run improves); Multi-Krum drops it and lands on the clean run's loss
     assert loss["clean"] < first - 0.02 and loss["fedavg"] > first
     assert abs(loss["multi_krum"] - loss["clean"]) < 0.002 * loss["clean"]
+
+
+def test_signed_updates_refuse_a_tampered_uplink(repo, tmp_path):
+    from edgelam.fl.signing import MAC_BYTES, Uplink
+    from edgelam.models.lora import serialize
+    from edgelam.security.keys import make_keyring
+
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    blob = serialize(state)
+    signed = Uplink(make_keyring(["client0", "client1"]), frozenset({1}), seed=0)
+    got, why = signed.receive(0, 3, 77, *signed.carry(0, 3, 77, blob))
+    assert why == "" and torch.equal(got["a"], state["a"])  # an honest link: the update as sent
+    assert "MAC does not verify for client1" in signed.receive(1, 3, 77, *signed.carry(1, 3, 77, blob))[1]
+    assert "MAC does not verify" in signed.receive(0, 4, 77, *signed.carry(0, 3, 77, blob))[1]  # another version
+    bare = Uplink(None, frozenset({1}), seed=0)
+    arrived, mac = bare.carry(1, 3, 77, blob)
+    assert mac is None and sum(bin(x ^ y).count("1") for x, y in zip(arrived, blob)) == 1  # one bit flipped
+    # a run: the tampered client's updates are refused every round, the others' carry their MAC's bytes
+    cfg = load_config(repo / "configs/tiny.yaml", ["fl.rounds=2", "train.local_steps=1", "eval.generate=0",
+                                                   "fl.attack.kind=tamper", "fl.attack.fraction=0.34", "fl.keys=auto"])
+    run(cfg, tmp_path / "signed")
+    rows = read_jsonl(tmp_path / "signed" / "metrics.jsonl")[1:]
+    [bad] = malicious_clients(3, 0.34, 0)
+    assert all([r["client"] for r in row["rejected"]] == [bad] and "MAC does not verify" in row["rejected"][0]["reason"]
+               for row in rows)
+    plain = load_config(repo / "configs/tiny.yaml", ["fl.rounds=1", "train.local_steps=1", "eval.generate=0"])
+    run(plain, tmp_path / "plain")
+    per_client = {c["client"]: c["bytes_up"] for c in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[1]["client_stats"]}
+    assert all(c["bytes_up"] == per_client[c["client"]] + MAC_BYTES for c in rows[0]["client_stats"])

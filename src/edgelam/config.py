@@ -222,6 +222,9 @@ class FLConfig:
     # longer than this is scaled down to it (server-side norm bounding, Sun et al. 2019); null: off
     norm_bound: float | None = None
     attack: AttackConfig = field(default_factory=AttackConfig)  # malicious clients (fl/attacks.py)
+    # each client signs its update's bytes (fl/signing.py): auto (fresh keys in memory) or a keyring
+    # file (`edgelam keys`) holding client0 .. client<N-1>; the server refuses an update whose MAC fails
+    keys: str | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, "fl.strategy", list(STRATEGY_DRIVERS))
@@ -429,7 +432,7 @@ class RunConfig:
         for key, value, default in (("fl.fraction", self.fl.fraction, 1.0), ("train.prox_mu", self.train.prox_mu, 0.0),
                                     ("net.server_tier", self.net.server_tier, "edge"), ("eval.generate", self.eval.generate, 0),
                                     ("eval.client_heldout", self.eval.client_heldout, False), ("fl.uplink", self.fl.uplink, ()),
-                                    ("fl.norm_bound", self.fl.norm_bound, None),
+                                    ("fl.norm_bound", self.fl.norm_bound, None), ("fl.keys", self.fl.keys, None),
                                     ("fl.attack.kind", self.fl.attack.kind, "none")):
             _require(value == default, key, f"is not used by split learning ({s}: split.schedule picks the devices, one edge "
                      f"server trains the middle); leave it at {default!r}", value)

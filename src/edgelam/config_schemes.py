@@ -123,7 +123,7 @@ class SplitConfig:
 
 MODEL_ATTACKS = ("sign_flip", "scaling", "gaussian")
 DATA_ATTACKS = ("label_flip", "backdoor")
-ATTACKS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS)
+ATTACKS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS, "tamper")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class AttackConfig:
     C - 1 - c; a causal LM's answers shuffled among its prompts); backdoor (``poison_rate`` of their
     examples get ``trigger`` in front of the text and ``target`` as the answer: a class name or an
     answer text); with ``scale`` != 1 they also scale their update (Bagdasaryan et al.'s boosted
-    backdoor)."""
+    backdoor). tamper: the clients are honest but a man in the middle flips one bit of their update
+    in transit (``fl/signing.py``; ``fl.keys`` makes the server refuse it)."""
 
     kind: str = "none"
     fraction: float = 0.0  # share of the clients that are malicious

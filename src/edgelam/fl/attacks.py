@@ -67,7 +67,7 @@ class Attack:
 def build_attack(cfg: AttackConfig, num_clients: int, seed: int) -> list[Attack]:
     """The uplink side of ``fl.attack``: model poisoning, or the boost (``scale`` != 1) of a data
     poisoner's update (data/poison.py edits its examples)."""
-    if cfg.kind == "none" or cfg.fraction == 0 or (cfg.kind in DATA_ATTACKS and cfg.scale == 1):
+    if cfg.kind in ("none", "tamper") or cfg.fraction == 0 or (cfg.kind in DATA_ATTACKS and cfg.scale == 1):
         return []
     kind = "scaling" if cfg.kind in DATA_ATTACKS else cfg.kind
     return [Attack(kind, cfg.scale, malicious_clients(num_clients, cfg.fraction, seed), seed)]

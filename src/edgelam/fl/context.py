@@ -58,6 +58,7 @@ class Context:
     chain: list[Any] = field(default_factory=list)  # fl.uplink transforms (fl/transforms.py), set by the driver
     executor: Any = None  # runs clients' work (fl/executor.py); None: in this process
     privacy: Any = None  # privacy.mechanism.Privacy when privacy.dp is on, set by the driver
+    link: Any = None  # fl/signing.Uplink: signed updates (fl.keys) and tampering in transit, set by the driver
 
 
 def baseline_row(ctx: Context, st: RunState) -> dict[str, Any]:

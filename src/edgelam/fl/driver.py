@@ -21,7 +21,9 @@ from edgelam.config import RunConfig
 from edgelam.fl.context import Context, baseline_row, evaluate, population, setup, task_adapters
 from edgelam.fl.evaluate import generate_answers
 from edgelam.fl.executor import LocalExecutor
+from edgelam.data.poison import malicious_clients
 from edgelam.fl.attacks import build_attack
+from edgelam.fl.signing import Uplink, keyring_for
 from edgelam.fl.transforms import build_chain
 from edgelam.fl.events import run_async
 from edgelam.fl.hierarchy import HierResult, run_hier_round
@@ -122,6 +124,11 @@ class FLDriver:
         ctx.chain = ((ctx.privacy.transforms() if ctx.privacy else []) + build_chain(cfg.fl)
                      + build_attack(cfg.fl.attack, len(ctx.data.clients), cfg.seed))  # malicious clients send last
         ctx.executor = LocalExecutor(ctx)
+        tamper = cfg.fl.attack.kind == "tamper" and cfg.fl.attack.fraction > 0
+        if cfg.fl.keys is not None or tamper:
+            n = len(ctx.data.clients)
+            ctx.link = Uplink(keyring_for(cfg.fl.keys, n),
+                              malicious_clients(n, cfg.fl.attack.fraction, cfg.seed) if tamper else frozenset(), cfg.seed)
 
     def initial_state(self) -> RunState:
         ctx = self.ctx

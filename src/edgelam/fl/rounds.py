@@ -18,6 +18,7 @@ from edgelam.fl.executor import ClientWork, LocalExecutor, plan_trip
 from edgelam.fl.transforms import Trip, apply_chain, delta_norm, to_server
 from edgelam.fl import faults
 from edgelam.fl.faults import Fault
+from edgelam.fl.signing import MAC_BYTES
 from edgelam.fl.validate import bound, rejection
 from edgelam.rundir import RunState
 from edgelam.fl.strategies.base import State
@@ -79,13 +80,19 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
     for w, plan, shape, res in zip(works, plans, planned, results):
         k = w.client
         sent = uplink(ctx, state, k, version, res.update.state, res.start, w.seed)
+        blob, refused, signed = serialize(sent), "", 0
+        if ctx.link is not None:  # fl/signing.py: the client signs, the link may tamper, the server verifies
+            arrived, mac = ctx.link.carry(k, version, w.seed, blob)
+            decoded, refused = ctx.link.receive(k, version, w.seed, arrived, mac)
+            sent, signed = (sent if refused else decoded), MAC_BYTES if mac is not None else 0
         # the server's gate (fl/validate.py): what was planned, less what the task said this client keeps
-        rejected = rejection(sent, {n: v for n, v in shape.items() if n not in res.update.unsent}) or ""
-        got = (len(serialize(sent)), res.update.flops + res.probe_flops)
+        rejected = refused or rejection(sent, {n: v for n, v in shape.items() if n not in res.update.unsent}) or ""
+        got = (len(blob), res.update.flops + res.probe_flops)
         if not rejected and (got[0] > plan.bytes_up or not math.isclose(got[1], plan.flops, rel_tol=1e-9)):
             raise RuntimeError(f"client {k}: the trip sent {got[0]} bytes / {got[1]:.4g} FLOPs but was planned at "
                                f"{plan.bytes_up} / {plan.flops:.4g}; a planning bug, please report it")
-        cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0], plan.flops)
+        cost = client_round_cost(net or ctx.cfg.net, ctx.topology.devices[k], links[k], plan.bytes_down, got[0] + signed,
+                                 plan.flops)
         fault = faults.draw(ctx.cfg.faults, ctx.cfg.seed, w.seed)
         cost = faults.apply(cost, fault, ctx.cfg.faults.slowdown)
         # the server sees only what crossed; what the client did not train (``unsent``) it keeps at the start
