@@ -1,9 +1,10 @@
 """Load: the gateway and a 2-stage pipeline under 1, 4, 16 and 64 concurrent clients.
 
 A. gateway: `edgelam gateway` (its own process) in front of a 2-stage pipeline of `edgelam serve`
-   processes. N client threads send chat completions back to back until the level has sent
-   max(16, N) requests: requests/s, p50 / p99 latency, errors (non-200), lost (sent, never
-   answered), and the resident memory of the gateway and its services after each level.
+   processes (2 replicas per range). N client threads send chat completions back to back until
+   the level has sent max(16, N) requests: requests/s, p50 / p99 latency, errors (non-200), lost
+   (sent, never answered), and the resident memory of the gateway and its services after each
+   level. Then 16 clients again while the primary service of the first range is SIGKILLed.
 B. pipeline: the same two block services without the gateway. N client threads each run one
    greedy generation through them at once (their own sessions): aggregate tokens/s, per-token
    latency p50 / p99, errors, and the services' memory.
@@ -64,7 +65,7 @@ def pct(values: list[float], q: float) -> float:
 def topology_file(model: str, layers: int, folder: Path) -> Path:
     half = layers // 2
     path = folder / "load.yaml"
-    path.write_text(f"model: {model}\nmode: pipeline\nemulate_links: false\n"
+    path.write_text(f"model: {model}\nmode: pipeline\nemulate_links: false\nreplicas: 2\n"
                     "nodes: [{name: edge1, flops_per_s: 1.0e11}, {name: edge2, flops_per_s: 1.0e11}]\n"
                     f"placement: {{edge1: [0, {half}], edge2: [{half}, {layers}]}}\n")
     return path
@@ -107,6 +108,18 @@ def gateway_level(url: str, clients: int, total: int, tokens: int, want: dict[st
     wall = time.perf_counter() - t0
     return {"rps": len(latencies) / wall, "p50_s": pct(latencies, 0.5), "p99_s": pct(latencies, 0.99),
             "errors": errors[0], "lost": total - len(latencies) - errors[0], "wrong": wrong[0], "requests": total}
+
+
+def kill_level(url: str, gateway_pid: int, layers: int, tokens: int, want: dict[str, str]) -> dict[str, Any]:
+    """16 clients, 32 requests; the first-started service of the first block range (the primary:
+    replica 0) gets SIGKILL once the first answer is back. Lost or wrong answers are counted."""
+    first = sorted((p for p in psutil.Process(gateway_pid).children(recursive=True)
+                    if f"blocks:0:{layers // 2}" in " ".join(p.cmdline())), key=lambda p: p.create_time())[0]
+    killer = threading.Thread(target=lambda: (time.sleep(0.5), first.kill()))
+    killer.start()
+    out = gateway_level(url, 16, 32, tokens, want)
+    killer.join()
+    return out | {"killed": " ".join(first.cmdline()[-6:])}
 
 
 def pipeline_level(model: str, urls: list[str], ranges: list[tuple[int, int]], clients: int, tokens: int,
@@ -182,6 +195,8 @@ def main() -> None:
             reps = [gateway_level(url, n, max(16, n), args.tokens, want) for _ in range(args.repeats)]
             res["gateway"][n] = summarize(reps) | {"rss_mb": rss_mb([gw.pid])}
             print(f"gateway, {n} clients: {res['gateway'][n]}", flush=True)
+        res["gateway_kill"] = kill_level(url, gw.pid, layers, args.tokens, want)
+        print(f"gateway, a block service killed under 16 clients: {res['gateway_kill']}", flush=True)
     finally:
         gw.terminate()
         gw.wait(timeout=60)
