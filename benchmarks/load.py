@@ -75,6 +75,7 @@ def gateway_level(url: str, clients: int, total: int, tokens: int, want: dict[st
     sent, lock = [0], threading.Lock()
     latencies: list[float] = []
     errors, wrong = [0], [0]
+    first_error: list[str] = []
 
     def client(c: int) -> None:
         with httpx.Client(timeout=600) as http:
@@ -96,6 +97,7 @@ def gateway_level(url: str, clients: int, total: int, tokens: int, want: dict[st
                 with lock:
                     if r.status_code != 200:
                         errors[0] += 1
+                        first_error.append(f"{r.status_code} {r.text[:300]}")
                         continue
                     latencies.append(time.perf_counter() - t0)
                     text = r.json()["choices"][0]["message"]["content"]
@@ -107,7 +109,8 @@ def gateway_level(url: str, clients: int, total: int, tokens: int, want: dict[st
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - t0
     return {"rps": len(latencies) / wall, "p50_s": pct(latencies, 0.5), "p99_s": pct(latencies, 0.99),
-            "errors": errors[0], "lost": total - len(latencies) - errors[0], "wrong": wrong[0], "requests": total}
+            "errors": errors[0], "lost": total - len(latencies) - errors[0], "wrong": wrong[0], "requests": total,
+            **({"first_error": first_error[0]} if first_error else {})}
 
 
 def kill_level(url: str, gateway_pid: int, layers: int, tokens: int, want: dict[str, str]) -> dict[str, Any]:
@@ -115,11 +118,12 @@ def kill_level(url: str, gateway_pid: int, layers: int, tokens: int, want: dict[
     replica 0) gets SIGKILL once the first answer is back. Lost or wrong answers are counted."""
     first = sorted((p for p in psutil.Process(gateway_pid).children(recursive=True)
                     if f"blocks:0:{layers // 2}" in " ".join(p.cmdline())), key=lambda p: p.create_time())[0]
+    name = " ".join(first.cmdline()[-6:])  # read before it dies
     killer = threading.Thread(target=lambda: (time.sleep(0.5), first.kill()))
     killer.start()
     out = gateway_level(url, 16, 32, tokens, want)
     killer.join()
-    return out | {"killed": " ".join(first.cmdline()[-6:])}
+    return out | {"killed": name}
 
 
 def pipeline_level(model: str, urls: list[str], ranges: list[tuple[int, int]], clients: int, tokens: int,
@@ -176,7 +180,7 @@ def main() -> None:
     res: dict[str, Any] = {"gateway": {}, "pipeline": {}}
     port = free_port()
     gw = subprocess.Popen([sys.executable, "-m", "edgelam.cli", "gateway", "--topology", str(topology_file(args.model, layers, tmp)),
-                           "--port", str(port), "--max-concurrent", str(4 * max(args.levels))],
+                           "--port", str(port), "--max-concurrent", str(4 * max([*args.levels, 16]))],
                           stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb"))
     url = f"http://127.0.0.1:{port}"
     try:
