@@ -121,6 +121,6 @@ def answered(ex: Example, response: str) -> Example:
 
 def poison_for(attack: AttackConfig, seed: int) -> DataPoison | None:
     """The run's data poisoner, or None when the attack (if any) is on the model."""
-    if attack.kind not in DATA_ATTACKS or attack.fraction == 0:
-        return None
+    if attack.kind not in DATA_ATTACKS or (attack.fraction == 0 and attack.kind != "backdoor"):
+        return None  # a backdoor at fraction 0 poisons nobody but still measures the trigger's base rate
     return DataPoison(attack, seed)
