@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -377,13 +380,15 @@ def test_S23_serve_flags_are_checked(monkeypatch, args: list[str], want: int, wo
     one_line_error(code, stderr, words, want)
 
 
-def test_S23_serve_on_a_port_in_use_exits_3(monkeypatch) -> None:
-    monkeypatch.delenv("EDGELAM_PARENT_PID", raising=False)
+def test_S23_serve_on_a_port_in_use_exits_3() -> None:
+    # its own process: uvicorn configures logging on the process's stderr, which must not be CliRunner's
+    env = {k: v for k, v in os.environ.items() if k != "EDGELAM_PARENT_PID"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        code, stderr, _ = cli("serve", "--model", MODEL, "--module", "blocks:0:2", "--port", str(taken.getsockname()[1]))
-    assert code == 3 and "Traceback" not in stderr  # uvicorn's startup failure: "address already in use"
+        proc = subprocess.run([sys.executable, "-m", "edgelam.cli", "serve", "--model", MODEL, "--module", "blocks:0:2",
+                               "--port", str(taken.getsockname()[1])], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr  # "address already in use"
 
 
 # --- section 4: the gateway, in process, on a real (local) pipeline ---
