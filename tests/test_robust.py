@@ -118,3 +118,12 @@ def test_signed_updates_refuse_a_tampered_uplink(repo, tmp_path):
     run(plain, tmp_path / "plain")
     per_client = {c["client"]: c["bytes_up"] for c in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[1]["client_stats"]}
     assert all(c["bytes_up"] == per_client[c["client"]] + MAC_BYTES for c in rows[0]["client_stats"])
+
+
+def test_rank_heterogeneous_uploads_pass_the_norm_bound_and_attacks(repo, tmp_path):
+    """A rank-r_k upload is measured against the leading r_k components of its start."""
+    cfg = load_config(repo / "configs/tiny_hetero_rank.yaml", ["fl.rounds=1", "fl.norm_bound=0.01", "eval.generate=0",
+                                                               "fl.attack.kind=sign_flip", "fl.attack.fraction=0.3"])
+    run(cfg, tmp_path / "run")
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
+    assert row["clients"] and all(c["delta_norm"] > 0 for c in row["client_stats"])

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from edgelam.config_schemes import DATA_ATTACKS, AttackConfig
 from edgelam.data.poison import malicious_clients
-from edgelam.fl.transforms import Trip
+from edgelam.fl.transforms import Trip, base
 from edgelam.store import Purpose, torch_seed_for
 
 State = dict[str, Tensor]
@@ -32,7 +32,7 @@ def poison(kind: str, update: State, start: State, scale: float, seed: int) -> S
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k in sorted(update):
-        u, s = update[k].double(), start[k].double()
+        u, s = update[k].double(), base(start[k], update[k]).double()
         if kind == "sign_flip":
             v = s - scale * (u - s)
         elif kind == "scaling":

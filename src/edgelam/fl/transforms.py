@@ -42,9 +42,15 @@ class Transform(Protocol):
         ...
 
 
+def base(start: Tensor, update: Tensor) -> Tensor:
+    """``start`` cut to ``update``'s shape: a rank-r_k upload (HetLoRA, FlexLoRA) against a wider
+    start holds its leading components."""
+    return start if start.shape == update.shape else start[tuple(slice(0, d) for d in update.shape)]
+
+
 def delta_norm(update: State, start: State) -> float:
     """||update - start||_2 over every tensor of the update (one vector)."""
-    return math.sqrt(sum(float(((update[k].double() - start[k].double()) ** 2).sum()) for k in update))
+    return math.sqrt(sum(float(((update[k].double() - base(start[k], update[k]).double()) ** 2).sum()) for k in update))
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,11 @@ class Clip:
         if norm <= self.max_norm:
             return update
         scale = self.max_norm / norm
-        return {k: (start[k].double() + scale * (update[k].double() - start[k].double())).to(update[k].dtype) for k in update}
+        out = {}
+        for k, u in update.items():
+            s0 = base(start[k], u).double()
+            out[k] = (s0 + scale * (u.double() - s0)).to(u.dtype)
+        return out
 
     def on_cohort(self, clients: Sequence[int], round_idx: int) -> None:
         return None
