@@ -68,7 +68,7 @@ def run_hier(ctx: Context, st: RunState, commit: Commit, wall: Wall) -> None:
         hres = run_hier_round(env, ctx, st, select_clients(ctx, r), r)
         updates = hier_input(ctx, st, hres, r)
         new_state = ctx.strategy.aggregate(st.state, updates, r) if updates else st.state
-        ok = [j for j in hres.jobs if not j.rejected and not j.lost]
+        ok = [j for j in hres.jobs if j.accepted]
         row = metrics_row(st, r, ok, hres.end_time_s, wall(), backhaul=hres.backhaul,
                           rejected=[j for j in hres.jobs if j.rejected], lost=[j for j in hres.jobs if j.lost])
         if hres.secagg is not None:
@@ -86,8 +86,7 @@ def hier_input(ctx: Context, st: RunState, hres: HierResult, round_idx: int) -> 
     ledger = load_ledger(st.aux_meta)
     dp = ctx.privacy.dp
     if dp.mode == "central" and dp.noise_at == "cloud" and not ctx.cfg.privacy.secagg.enabled:
-        arrived = [j for j in hres.jobs if not j.rejected and not j.lost]
-        updates = ctx.privacy.release(ledger, arrived, [], population_by_adapter(ctx, st.state),
+        updates = ctx.privacy.release(ledger, [j for j in hres.jobs if j.accepted], [], population_by_adapter(ctx, st.state),
                                       ctx.strategy.adapters(st.state), round_idx, record=False)
     else:
         updates = filled(hres.edge_updates, ctx.strategy.reduce)

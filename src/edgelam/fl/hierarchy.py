@@ -83,9 +83,9 @@ def run_hier_round(env: simpy.Environment, ctx: Context, st: RunState, selected:
             seeds = {k: torch_seed_for(cfg.seed, Purpose.TRAIN, round_idx, k, t) for k in devices}
             trips = start_jobs(ctx, put_prefixed(GLOBAL, model), round_idx, devices, links, seeds, env.now, train, device_net)
             # refused by the edge's gate, or lost mid-trip (faults.drop): charged, not averaged
-            refused = [j for j in trips if j.rejected or j.lost]
+            refused = [j for j in trips if not j.accepted]
             jobs.extend(refused)
-            trips = [j for j in trips if not j.rejected and not j.lost]
+            trips = [j for j in trips if j.accepted]
             if not trips:
                 yield env.timeout(max(j.cost.total_s for j in refused))
                 continue

@@ -48,6 +48,11 @@ class Job:
         """Dropped out mid-trip (faults.drop): charged what it spent, its update never arrives."""
         return self.fault.phase is not None
 
+    @property
+    def accepted(self) -> bool:
+        """Arrived and passed the server's gate: what a strategy may aggregate."""
+        return not self.rejected and not self.lost
+
 
 def make_work(ctx: Context, state: State, version: int, k: int, seed: int, train: TrainConfig | None = None) -> ClientWork:
     """The server's side of a trip: what client ``k`` reads and trains, as plain data."""
@@ -97,9 +102,10 @@ def start_jobs(ctx: Context, state: State, version: int, ks: Sequence[int], link
         cost = faults.apply(cost, fault, ctx.cfg.faults.slowdown)
         # the server sees only what crossed; what the client did not train (``unsent``) it keeps at the start
         # value here, and a synchronous round's reduce takes from the clients that sent it (fill_unsent)
-        got_state = res.start if rejected else bound(to_server(sent, res.start), res.start, ctx.cfg.fl.norm_bound)
+        received = to_server(sent, res.start)
+        got_state = res.start if rejected else bound(received, res.start, ctx.cfg.fl.norm_bound)
         upd = dataclasses.replace(res.update, state=got_state | {k: res.start[k] for k in res.update.unsent})
-        norm = 0.0 if rejected else delta_norm(to_server(sent, res.start), res.start)
+        norm = 0.0 if rejected else delta_norm(received, res.start)
         jobs.append(Job(k, version, res.start, upd, cost, now + cost.total_s, rejected, norm, fault))
     return jobs
 
