@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from edgelam.config_channels import BeamConfig, ChannelConfig
 from edgelam.config_privacy import PrivacyConfig
+from edgelam.config_runtime import ReportConfig, RuntimeConfig
 from edgelam.config_sensing import SensingConfig
 from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
@@ -303,6 +304,8 @@ class RunConfig:
     sensing: SensingConfig = field(default_factory=SensingConfig)  # data.source wifi | wifi_sim: activities
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy, secure aggregation, unlearning
     faults: FaultConfig = field(default_factory=FaultConfig)  # injected client drop-outs, stragglers, a full disk
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # where client work runs (local, batched, Ray)
+    report: ReportConfig = field(default_factory=ReportConfig)  # TensorBoard / MLflow
 
     def __post_init__(self) -> None:
         split = self.fl.strategy in SPLIT_STRATEGIES

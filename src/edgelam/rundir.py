@@ -48,7 +48,7 @@ CHECKPOINT = "state/checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 # Settings a resumed run may change: how far it goes and what it prints at the end.
-RESUMABLE_KEYS = ("fl.rounds", "threads", "eval.generate", "eval.max_new_tokens")
+RESUMABLE_KEYS = ("fl.rounds", "threads", "eval.generate", "eval.max_new_tokens", "runtime.*", "report.*")
 # A fork (``RunFolder.fork``) may also add clients to the exclusion: its rounds up to the fork never
 # selected them, and exclusion drops them from the same selection draws, so those rounds are what a
 # run started with the new exclusion computes (``fork`` checks the rows); later rounds run without them.
@@ -99,8 +99,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def pinned(config: dict[str, Any], free: tuple[str, ...] = RESUMABLE_KEYS) -> dict[str, Any]:
-    """The settings a resumed run must keep (all but ``free``), flattened to dotted keys."""
-    return {k: v for k, v in _flat(config).items() if k not in free}
+    """The settings a resumed run must keep (all but ``free``; ``section.*``: all of a section), flattened to dotted keys."""
+    return {k: v for k, v in _flat(config).items()
+            if k not in free and not any(f.endswith(".*") and k.startswith(f[:-1]) for f in free)}
 
 
 def fingerprint(config: dict[str, Any]) -> str:
