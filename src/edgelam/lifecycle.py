@@ -48,13 +48,20 @@ DRIVERS: dict[str, Callable[[RunConfig], Driver]] = {
 }
 
 
-def driver_for(cfg: RunConfig) -> Driver:
-    return DRIVERS[STRATEGIES[cfg.fl.strategy].driver](cfg)
+def driver_for(cfg: RunConfig, executor: Callable[[Any], Any] | None = None) -> Driver:
+    """The driver of ``cfg``'s strategy; ``executor`` (Context -> Executor) replaces the one
+    ``runtime.*`` names (a Flower ServerApp sends client work to its SuperNodes this way)."""
+    kind = STRATEGIES[cfg.fl.strategy].driver
+    if executor is None:
+        return DRIVERS[kind](cfg)
+    if kind == "split":
+        raise ValueError(f"{cfg.fl.strategy} is a split-learning scheme; its devices cannot run on another executor")
+    return FLDriver(cfg, executor)
 
 
 def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None = None,
-        on_start: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` into the folder ``out``; returns the summary."""
+        on_start: Callable[[int, int], None] | None = None, executor: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` into the folder ``out``; returns the summary. ``executor``: see ``driver_for``."""
     t0 = time.perf_counter()
     config = config_to_dict(cfg)
     folder = RunFolder.open(out, config) if resume else RunFolder.create(out, config)
@@ -63,7 +70,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
     folder.disk_full_at = cfg.faults.disk_full_at  # a fault drill: that round's checkpoint meets a full disk
     try:
         folder.lock()
-        driver = driver_for(cfg)
+        driver = driver_for(cfg, executor)
     except BaseException:
         if resume:
             folder.close()

@@ -20,7 +20,7 @@ from safetensors.torch import save
 from edgelam.config import RunConfig
 from edgelam.fl.context import Context, baseline_row, evaluate, population, setup, task_adapters
 from edgelam.fl.evaluate import generate_answers
-from edgelam.fl.executor import LocalExecutor
+from edgelam.fl.executor import make_executor
 from edgelam.data.poison import malicious_clients
 from edgelam.fl.attacks import build_attack
 from edgelam.fl.signing import Uplink, keyring_for
@@ -111,7 +111,7 @@ ADVANCE: dict[str, Callable[[Context, RunState, Commit, Wall], None]] = {
 class FLDriver:
     """The federated schemes' side of a run: set-up, evaluation, the rounds, the adapters at the end."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, executor: Callable[[Context], Any] | None = None) -> None:
         self.ctx = setup(cfg)
         ctx = self.ctx
         if cfg.privacy.dp.on:
@@ -122,7 +122,7 @@ class FLDriver:
             ctx.privacy = Privacy(cfg, facts, ctx.strategy.driver)
         ctx.chain = ((ctx.privacy.transforms() if ctx.privacy else []) + build_chain(cfg.fl)
                      + build_attack(cfg.fl.attack, len(ctx.data.clients), cfg.seed))  # malicious clients send last
-        ctx.executor = LocalExecutor(ctx)
+        ctx.executor = (executor or make_executor)(ctx)
         tamper = cfg.fl.attack.kind == "tamper" and cfg.fl.attack.fraction > 0
         if cfg.fl.keys is not None or tamper:
             n = len(ctx.data.clients)
@@ -182,5 +182,8 @@ class FLDriver:
         return answers
 
     def close(self) -> None:
+        close = getattr(self.ctx.executor, "close", None)
+        if close is not None:  # a pool's workers (Ray actors) go with the run
+            close()
         self.ctx.base.apply({})  # give the shared base model back as loaded, without LoRA layers
         self.ctx.model.unload()

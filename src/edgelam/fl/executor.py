@@ -113,3 +113,12 @@ class LocalExecutor:
         upd = local_train(ctx.model, start, ctx.data.clients[work.client].train, work.train, work.prox_mu, work.seed,
                           ctx.pad_id, ctx.flops, client=work.client, task=ctx.task, dpsgd=work.dpsgd)
         return ClientResult(replace(upd, adapter=name), start, probed)
+
+
+def make_executor(ctx: Context) -> Executor:
+    """The executor ``runtime.*`` names: this process, or a pool of Ray actors (``fl/ray_executor.py``)."""
+    if ctx.cfg.runtime.executor == "ray":
+        from edgelam.fl.ray_executor import RayExecutor  # imports ray only when asked for
+
+        return RayExecutor(ctx.cfg)
+    return LocalExecutor(ctx)
