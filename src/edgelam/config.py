@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from edgelam.config_channels import BeamConfig, ChannelConfig
 from edgelam.config_privacy import PrivacyConfig
-from edgelam.config_runtime import ReportConfig, RuntimeConfig
+from edgelam.config_runtime import ReportConfig, RuntimeConfig, check_runtime
 from edgelam.config_sensing import SensingConfig
 from edgelam.config_checks import ConfigError
 from edgelam.config_checks import one_of as _one_of
@@ -314,6 +314,7 @@ class RunConfig:
         self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
         self._check_task()
         self._check_privacy(STRATEGY_DRIVERS[self.fl.strategy])
+        check_runtime(self.runtime, self.task, self.fl.strategy, STRATEGY_DRIVERS[self.fl.strategy])
         if split:
             _require(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for split learning", self.train.grad_accum)
             n = len(self.split.schedule.budget_per_device)

@@ -53,3 +53,14 @@ class ReportConfig:
         if not self.mlflow:
             _require(self.mlflow_uri is None and self.mlflow_experiment is None, "report.mlflow_uri",
                      "applies with report.mlflow: true; turn it on or remove the setting", self.mlflow_uri)
+
+
+def check_runtime(runtime: RuntimeConfig, task: str, strategy: str, driver: str) -> None:
+    """Executor settings a run cannot honour are refused with the reason."""
+    if driver == "split":
+        _require(runtime == RuntimeConfig(), "runtime", f"applies to the federated schemes' client trips; split learning "
+                 f"({strategy}) trains device and server segments in the server's order. Remove the runtime section",
+                 runtime)
+    if runtime.batch_clients > 1:
+        _require(task != "multitask_sensing", "runtime.batch_clients", "must be 1 for task multitask_sensing (each "
+                 "client trains its own task's head only, so clients do not share one backward)", runtime.batch_clients)
