@@ -53,30 +53,41 @@ def human_bytes(n: float) -> str:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("loss {task.fields[loss]}  sim {task.fields[sim]}  up {task.fields[up]}  down {task.fields[down]}"),
+        TextColumn("[bold]{task.description:<7}"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), console=console,
     )
 
 
 def run_with_progress(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
-    """One run with the per-round progress bar."""
+    """One run with the per-round progress bar, and a "clients" line (trips back of those started
+    this round, and how many are in flight) once a round sends more than one trip."""
+    from edgelam import progress
     from edgelam.lifecycle import run
 
     console.print(f"model: {cfg.model.name}, strategy: {cfg.fl.strategy}, {cfg.data.num_clients} clients, "
                   f"{cfg.fl.rounds} rounds -> {out_dir}")
+    trips = progress.TripCount()
     with _progress() as bar:
-        task = bar.add_task("rounds", total=cfg.fl.rounds, loss="-", sim="0.0s", up="0 B", down="0 B")
+        task = bar.add_task("round", total=cfg.fl.rounds, info="loss -  sim 0.0s  up 0 B  down 0 B")
+        clients = bar.add_task("clients", total=1, visible=False, info="")
 
         def on_start(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        def on_trip(event: progress.Event, value: int) -> None:
+            trips(event, value)
+            bar.update(clients, completed=trips.done, total=max(trips.started, 1), info=f"in flight {trips.in_flight}",
+                       visible=True if trips.started > 1 else None)  # shown from the first round with several trips
+
         def on_round(row: dict[str, Any]) -> None:
             loss = row["eval_loss"] if row["eval_loss"] is not None else row["train_loss"]
-            bar.update(task, advance=1, loss=f"{loss:.3f}" if loss is not None else "-", sim=f"{row['sim_time_s']:.1f}s",
-                       up=human_bytes(row["bytes_up_total"]), down=human_bytes(row["bytes_down_total"]))
+            shown = f"{loss:.3f}" if loss is not None else "-"
+            bar.update(task, advance=1, info=f"loss {shown}  sim {row['sim_time_s']:.1f}s  up {human_bytes(row['bytes_up_total'])}  "
+                                             f"down {human_bytes(row['bytes_down_total'])}")
+            trips.new_round()  # the clients line keeps the round just done until the next trip starts
 
-        return run(cfg, out_dir, resume=resume, on_round=on_round, on_start=on_start)
+        with progress.listen(on_trip):
+            return run(cfg, out_dir, resume=resume, on_round=on_round, on_start=on_start)
 
 
 def run_experiment(config: Path | None, overrides: list[str], out: Path | None = None, resume: Path | None = None) -> dict[str, Any]:
@@ -396,8 +407,10 @@ def main() -> None:
     import warnings
 
     from edgelam.cli_data import data_app
+    from edgelam.cli_flower import flower_app
 
     app.add_typer(data_app, name="data")
+    app.add_typer(flower_app, name="flower")
     from transformers.utils import logging as hf_logging
 
     # Library deprecation chatter is not for our users; EDGELAM_DEBUG=1 keeps it.

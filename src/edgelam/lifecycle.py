@@ -20,6 +20,7 @@ from edgelam.fl.strategies import STRATEGIES
 from edgelam.report import plot_runs
 from edgelam.rundir import RunFolder, RunState
 from edgelam.split.driver import SplitDriver
+from edgelam.tracking import Tracker
 
 Commit = Callable[[dict[str, Any]], None]
 
@@ -70,6 +71,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
     folder.disk_full_at = cfg.faults.disk_full_at  # a fault drill: that round's checkpoint meets a full disk
     try:
         folder.lock()
+        tracker = Tracker.open(cfg, folder.path)  # report.*: a bad report.mlflow_uri stops here, before the model loads
         driver = driver_for(cfg, executor)
     except BaseException:
         if resume:
@@ -86,6 +88,7 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
 
         if not folder.rows:  # round 0: the untrained adapter, so every curve starts from the base model
             folder.commit(st, driver.baseline(st))
+        tracker.start(folder.rows)  # round 0, and on resume the rows it lacks
         if on_start:
             on_start(st.round, cfg.fl.rounds)
 
@@ -97,12 +100,16 @@ def run(cfg: RunConfig, out: Path, resume: bool = False, on_round: Commit | None
             if diagnostics:
                 row["diagnostics"] = diagnostics
             folder.commit(st, row, updates)
+            tracker.log(row)
             if on_round:
                 on_round(row)
 
         driver.advance(st, commit, wall)
-        return finish(cfg, st, folder, driver.outputs(st, folder), wall())
+        summary = finish(cfg, st, folder, driver.outputs(st, folder), wall())
+        tracker.finish(summary)
+        return summary
     finally:
+        tracker.close()
         driver.close()
         folder.close()
 

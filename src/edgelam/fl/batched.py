@@ -33,6 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import Tensor, nn
 
+from edgelam import progress
 from edgelam.fl.client import ClientUpdate, lr_lambda, num_local_steps, trip_steps
 from edgelam.fl.context import Context, Prober
 from edgelam.fl.executor import PROBE_EXAMPLES, ClientResult, ClientWork, LocalExecutor
@@ -129,13 +130,16 @@ class BatchedExecutor:
     def run(self, works: Sequence[ClientWork]) -> list[ClientResult]:
         steps = [num_local_steps(w.train, len(self.ctx.data.clients[w.client].train)) for w in works]
         out: list[ClientResult] = []
+        progress.trips_started(len(works))
         for idx in groups(works, self.size, steps):
             if len(idx) == 1:
                 out.append(self.local.run_one(works[idx[0]]))
-                continue
-            chosen = [self._choose(works[i]) for i in idx]  # IFCA: each client probes its candidates first
-            done = self._train([(works[i], start) for i, (_, start, _) in zip(idx, chosen)])
-            out += [ClientResult(replace(upd, adapter=name), start, probed) for upd, (name, start, probed) in zip(done, chosen)]
+            else:
+                chosen = [self._choose(works[i]) for i in idx]  # IFCA: each client probes its candidates first
+                done = self._train([(works[i], start) for i, (_, start, _) in zip(idx, chosen)])
+                out += [ClientResult(replace(u, adapter=name), start, probed) for u, (name, start, probed) in zip(done, chosen)]
+            for i in idx:
+                progress.trip_done(works[i].client)
         return out
 
     def _choose(self, work: ClientWork) -> tuple[str, dict[str, Tensor], float]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from edgelam import progress
 from edgelam.config import TrainConfig
 from edgelam.fl.client import ClientUpdate, local_train, trip_steps
 from edgelam.fl.context import Context, Prober
@@ -99,7 +100,12 @@ class LocalExecutor:
         self.ctx = ctx
 
     def run(self, works: Sequence[ClientWork]) -> list[ClientResult]:
-        return [self.run_one(w) for w in works]
+        progress.trips_started(len(works))
+        out = []
+        for w in works:
+            out.append(self.run_one(w))
+            progress.trip_done(w.client)
+        return out
 
     def run_one(self, work: ClientWork) -> ClientResult:
         ctx = self.ctx
