@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from edgelam import progress
 from edgelam.fl.client import ClientUpdate, lr_lambda, num_local_steps, trip_steps
 from edgelam.fl.context import Context, Prober
-from edgelam.fl.executor import PROBE_EXAMPLES, ClientResult, ClientWork, LocalExecutor
+from edgelam.fl.executor import PROBE_EXAMPLES, ClientResult, ClientWork, Executor, LocalExecutor
 
 SLOT = "edgelam_slot"
 
@@ -227,3 +227,10 @@ class BatchedExecutor:
                                                      get_peft_model_state_dict(model, adapter_name=s).items()},
                              num_samples=len(d), train_loss=sum(ls) / len(ls), steps=total, tokens=t, flops=f)
                 for w, s, d, ls, t, f in zip(works, slots, data, losses, tokens, flops)]
+
+
+def local_executor(ctx: Context) -> Executor:
+    """This process's executor: clients one after another, or ``runtime.batch_clients`` of them per forward."""
+    if ctx.cfg.runtime.batch_clients > 1:
+        return BatchedExecutor(ctx, ctx.cfg.runtime.batch_clients)
+    return LocalExecutor(ctx)

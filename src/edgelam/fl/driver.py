@@ -20,7 +20,8 @@ from safetensors.torch import save
 from edgelam.config import RunConfig
 from edgelam.fl.context import Context, baseline_row, evaluate, population, setup, task_adapters
 from edgelam.fl.evaluate import generate_answers
-from edgelam.fl.executor import make_executor
+from edgelam.fl.batched import local_executor
+from edgelam.fl.executor import Executor
 from edgelam.data.poison import malicious_clients
 from edgelam.fl.attacks import build_attack
 from edgelam.fl.signing import Uplink, keyring_for
@@ -101,6 +102,17 @@ def received(ctx: Context, jobs: list[Any]) -> dict[str, Any]:
     if not ctx.cfg.privacy.unlearn.store_updates:
         return {}
     return {"_updates": {j.client: (j.start, j.update.state) for j in jobs}}
+
+
+def make_executor(ctx: Context) -> Executor:
+    """The executor ``runtime.*`` names: this process (``fl/batched.local_executor``: clients one after
+    another, or ``runtime.batch_clients`` of them per forward), or a pool of Ray actors
+    (``fl/ray_executor.py``), each running this process's executor."""
+    if ctx.cfg.runtime.executor == "ray":
+        from edgelam.fl.ray_executor import RayExecutor  # imports ray only when asked for
+
+        return RayExecutor(ctx.cfg)
+    return local_executor(ctx)
 
 
 ADVANCE: dict[str, Callable[[Context, RunState, Commit, Wall], None]] = {

@@ -120,17 +120,3 @@ class LocalExecutor:
                           ctx.pad_id, ctx.flops, client=work.client, task=ctx.task, dpsgd=work.dpsgd)
         return ClientResult(replace(upd, adapter=name), start, probed)
 
-
-def make_executor(ctx: Context) -> Executor:
-    """The executor ``runtime.*`` names: this process (clients one after another, or
-    ``runtime.batch_clients`` of them per forward: ``fl/batched.py``), or a pool of Ray actors
-    (``fl/ray_executor.py``), each running one of these."""
-    if ctx.cfg.runtime.executor == "ray":
-        from edgelam.fl.ray_executor import RayExecutor  # imports ray only when asked for
-
-        return RayExecutor(ctx.cfg)
-    if ctx.cfg.runtime.batch_clients > 1:
-        from edgelam.fl.batched import BatchedExecutor  # it imports this module
-
-        return BatchedExecutor(ctx, ctx.cfg.runtime.batch_clients)
-    return LocalExecutor(ctx)
