@@ -26,7 +26,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m ruff check --select F src tests benchmarks
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q --durations=15
+	# two workers, one file each at a time, one torch thread each: the 2 cores busy without oversubscription
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"

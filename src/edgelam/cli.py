@@ -25,6 +25,7 @@ from edgelam.config_load import load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EdgeLAM: federated LoRA fine-tuning over a simulated wireless edge network.")
 from edgelam.cli_common import _guard, _split_args, console, err  # noqa: F401 (the Python API uses them from here)
+from edgelam.cli_common import require_free_port
 from edgelam.cli_keys import keys_cmd
 from edgelam.cli_unlearn import unlearn_cmd
 
@@ -218,6 +219,7 @@ def serve_cmd(
     def go() -> None:
         adapters = _adapters(adapter or [])
         _check_port(port)
+        require_free_port(host, port)
         if not session_ttl > 0:
             raise ConfigError(f"--session-ttl must be > 0 seconds, got {session_ttl}")
         if wire_dtype not in ("float32", "float16"):
@@ -385,6 +387,7 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
     from edgelam.models.load import load_base
 
     _check_port(port)
+    require_free_port(host, port)
     if max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
     if max_concurrent < 1:

@@ -47,3 +47,22 @@ def _fail(exc: BaseException, code: int, prefix: str = "") -> None:
     if code == 1:
         err.print("(an unexpected error; EDGELAM_DEBUG=1 shows the traceback)")
     sys.exit(code)
+
+
+PORT_IN_USE = 3  # the exit code of a server whose port is taken (as uvicorn's own startup failure)
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Exit with code 3 and one line when ``host:port`` cannot be bound (in use, or not this machine's
+    address), before any model loads. Bound the way uvicorn binds (SO_REUSEADDR), then released."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot listen on {host}:{port}: [Errno {exc.errno}] {exc.strerror}; "
+                  "pick a free --port or stop what holds it", markup=True, highlight=False)
+        sys.exit(PORT_IN_USE)
