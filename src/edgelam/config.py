@@ -58,9 +58,22 @@ class ModelConfig:
     name: str = "tiny"
     dtype: str = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # what is trained: lora (model.lora's adapters) | full (decoder blocks' own weights, no LoRA;
+    # models/full.py); full_blocks: null = every decoder block and the final norm, a list = those blocks
+    train: str = "lora"
+    full_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, "model.dtype", ["float32", "bfloat16", "float16"])
+        _one_of(self.train, "model.train", ["lora", "full"])
+        if self.full_blocks is None:
+            return
+        _require(self.train == "full", "model.full_blocks", "applies to model.train full only; remove it", self.full_blocks)
+        _require(len(self.full_blocks) > 0, "model.full_blocks", "must list at least one block index, or be null "
+                 "(every block and the final norm)", self.full_blocks)
+        _require(min(self.full_blocks) >= 0, "model.full_blocks", "must list block indices >= 0", self.full_blocks)
+        _require(len(set(self.full_blocks)) == len(self.full_blocks), "model.full_blocks", "must not repeat a block",
+                 list(self.full_blocks))
 
 
 # data.source values that are text classification sets (split learning with an encoder)
@@ -255,6 +268,8 @@ STRATEGY_DRIVERS: dict[str, str] = {
     "fedasync": "async", "fedbuff": "async", "hierfavg": "hier", "sfl_v1": "split", "sfl_v2": "split",
 }
 SPLIT_STRATEGIES = tuple(k for k, v in STRATEGY_DRIVERS.items() if v == "split")
+# schemes that work on LoRA's factors (ranks), refused with model.train full
+FULL_REFUSED = ("hetlora", "flora", "flexlora")
 
 
 @dataclass(frozen=True)
@@ -313,6 +328,7 @@ class RunConfig:
             object.__setattr__(self.eval, "client_heldout", not split)
         self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
         self._check_task()
+        self._check_full_training()
         self._check_privacy(STRATEGY_DRIVERS[self.fl.strategy])
         check_runtime(self.runtime, self.task, self.fl.strategy, STRATEGY_DRIVERS[self.fl.strategy])
         if split:
@@ -369,6 +385,24 @@ class RunConfig:
             _require(self.data.partition in ("by_task", "iid"), "data.partition", "must be by_task (client k: one "
                      "environment: channels.profiles[k % len], beams.base_stations[k % len]) or iid for "
                      f"data.source {self.data.source}", self.data.partition)
+
+    def _check_full_training(self) -> None:
+        """model.train full sends the blocks' own weights: schemes that need LoRA factors are refused."""
+        if self.model.train != "full":
+            return
+        s = self.fl.strategy
+        _require(s not in FULL_REFUSED, "model.train", f"full cannot run with fl.strategy '{s}': hetlora, flora and "
+                 "flexlora truncate, stack or factor LoRA's rank-r factors, and full training has none. Use "
+                 "model.train lora, or fedavg, fedprox, fedavgm, fedadam, fedasync, fedbuff, hierfavg, cfl, ifca or "
+                 "rescluster", "full")
+        _require(self.task == "causal_lm", "model.train", f"full applies to task causal_lm (a decoder's blocks); "
+                 f"task {self.task} trains LoRA and its own modules. Use model.train lora", "full")
+        _require(s not in SPLIT_STRATEGIES, "model.train", f"full is not implemented for split learning ('{s}'); "
+                 "use model.train lora", "full")
+        _require(self.runtime.batch_clients == 1, "model.train", "full cannot run with runtime.batch_clients > 1: the "
+                 "batched executor runs each client's trained copy of a module on its own rows, which holds for heads "
+                 "and norms but not for decoder blocks (their attention masks span the whole batch). Set "
+                 "runtime.batch_clients to 1", "full")
 
     def _check_privacy(self, driver: str) -> None:
         """Privacy settings the chosen scheme cannot honour are refused with the reason."""

@@ -1,7 +1,8 @@
 """Causal-LM text: chat-formatted (or plain) text, loss on the answer tokens, perplexity.
 
 A sample is ``data.format.Encoded`` (token ids and labels, IGNORE on the prompt); the model is a
-decoder with its own LM head, so LoRA is the only trainable part. Numbers are token-weighted.
+decoder with its own LM head, so LoRA is the only trainable part (``model.train: full``: chosen
+decoder blocks in full instead, ``models/full.py``). Numbers are token-weighted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from edgelam.data.poison import poison_for
 from edgelam.data.format import IGNORE, Encoded, collate
 from edgelam.models.flops import FlopModel, lora_train_flops
 from edgelam.models.load import base_seed, fresh_base, load_base
+from edgelam.models.full import attach_full
 from edgelam.models.lora import attach_lora, load_adapters
 from edgelam.models.split import is_encoder
 from edgelam.tasks.base import Batch, TaskSetup, texts, token_inputs
@@ -32,15 +34,19 @@ class CausalLM:
     name: ClassVar[str] = "causal_lm"
     generates: ClassVar[bool] = True
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, train: str = "lora", full_blocks: tuple[int, ...] | None = None) -> None:
         self.pad_id = pad_id
+        self.train, self.full_blocks = train, full_blocks  # model.train, model.full_blocks
 
     @classmethod
     def setup(cls, cfg: RunConfig) -> TaskSetup:
-        base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed), fresh=False)
+        # model.train full wraps a copy: PEFT's unload (at a run's end) leaves the trained blocks in
+        # place of the originals, which must not reach the per-process cached base
+        base, tok = cls.load(cfg.model.name, cfg.model.dtype, base_seed(cfg.model.name, cfg.seed),
+                             fresh=cfg.model.train == "full")
         data = build_federated_data(resolve_auto(cfg.data)[0], tok, cfg.seed,  # the Python API may pass auto
                                     poison_for(cfg.fl.attack, cfg.seed))
-        return TaskSetup(cls(int(tok.pad_token_id)), base, tok, data)
+        return TaskSetup(cls(int(tok.pad_token_id), cfg.model.train, cfg.model.full_blocks), base, tok, data)
 
     @classmethod
     def load(cls, model: str, dtype: str, seed: int, fresh: bool = True) -> tuple[nn.Module, Any]:
@@ -63,6 +69,8 @@ class CausalLM:
         return collate(list(samples), self.pad_id)
 
     def wrap(self, base: nn.Module, lora: LoraSettings, seed: int) -> PeftModel:
+        if self.train == "full":  # the chosen blocks' own weights are the adapter; model.lora is not used
+            return attach_full(base, self.full_blocks)
         return attach_lora(base, lora, seed=seed)
 
     def loss(self, model: PeftModel, batch: Batch) -> Tensor:
