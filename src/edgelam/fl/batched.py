@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from edgelam import progress
 from edgelam.fl.client import ClientUpdate, lr_lambda, num_local_steps, trip_steps
-from edgelam.fl.context import Context, Prober
-from edgelam.fl.executor import PROBE_EXAMPLES, ClientResult, ClientWork, Executor, LocalExecutor
+from edgelam.fl.context import Context
+from edgelam.fl.executor import ClientResult, ClientWork, Executor, LocalExecutor
 
 SLOT = "edgelam_slot"
 
@@ -88,11 +88,7 @@ class Router:
 
     def saved(self, wrapper: ModulesToSaveWrapper, *args: Any, **kwargs: Any) -> Any:
         n = self.spans[-1][2]
-
-        def part(v: Any, a: int, b: int) -> Any:
-            return v[a:b] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
-
-        outs = [wrapper.modules_to_save[s](*(part(v, a, b) for v in args), **{k: part(v, a, b) for k, v in kwargs.items()})
+        outs = [wrapper.modules_to_save[s](*(part(v, n, a, b) for v in args), **{k: part(v, n, a, b) for k, v in kwargs.items()})
                 for s, a, b in self.spans]
         return torch.cat(outs)
 
@@ -113,9 +109,14 @@ def routed(model: nn.Module, router: Router) -> Iterator[None]:
             del w.forward
 
 
+def part(v: Any, n: int, a: int, b: int) -> Any:
+    """Rows a..b of ``v`` when it is a tensor of ``n`` samples (the batch dimension first), else ``v``."""
+    return v[a:b] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+
+
 def rows(batch: dict[str, Tensor], a: int, b: int) -> dict[str, Tensor]:
     n = next(iter(batch.values())).shape[0]
-    return {k: v[a:b] if v.dim() and v.shape[0] == n else v for k, v in batch.items()}
+    return {k: part(v, n, a, b) for k, v in batch.items()}
 
 
 class BatchedExecutor:
@@ -135,21 +136,12 @@ class BatchedExecutor:
             if len(idx) == 1:
                 out.append(self.local.run_one(works[idx[0]]))
             else:
-                chosen = [self._choose(works[i]) for i in idx]  # IFCA: each client probes its candidates first
+                chosen = [self.local.choose(works[i]) for i in idx]  # IFCA: each client probes its candidates first
                 done = self._train([(works[i], start) for i, (_, start, _) in zip(idx, chosen)])
                 out += [ClientResult(replace(u, adapter=name), start, probed) for u, (name, start, probed) in zip(done, chosen)]
             for i in idx:
                 progress.trip_done(works[i].client)
         return out
-
-    def _choose(self, work: ClientWork) -> tuple[str, dict[str, Tensor], float]:
-        if not work.candidates:
-            return work.name, work.start, 0.0
-        self.ctx.base.apply(work.base_delta)
-        probe = Prober(self.ctx, work.client, PROBE_EXAMPLES)
-        losses = {n: probe(a) for n, a in work.candidates.items()}
-        name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
-        return name, work.candidates[name], probe.flops
 
     def _train(self, group: list[tuple[ClientWork, dict[str, Tensor]]]) -> list[ClientUpdate]:
         ctx, model = self.ctx, self.ctx.model

@@ -107,15 +107,20 @@ class LocalExecutor:
             progress.trip_done(w.client)
         return out
 
+    def choose(self, work: ClientWork) -> tuple[str, State, float]:
+        """The adapter the trip trains (name, start) and the probing FLOPs: IFCA's client probes every
+        candidate (on the base with the work's delta merged) and takes the lowest loss."""
+        self.ctx.base.apply(work.base_delta)
+        if not work.candidates:
+            return work.name, work.start, 0.0
+        probe = Prober(self.ctx, work.client, PROBE_EXAMPLES)
+        losses = {n: probe(a) for n, a in work.candidates.items()}
+        name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
+        return name, work.candidates[name], probe.flops
+
     def run_one(self, work: ClientWork) -> ClientResult:
         ctx = self.ctx
-        ctx.base.apply(work.base_delta)
-        name, start, probed = work.name, work.start, 0.0
-        if work.candidates:
-            probe = Prober(ctx, work.client, PROBE_EXAMPLES)
-            losses = {n: probe(a) for n, a in work.candidates.items()}
-            name = min(sorted(losses), key=lambda n: losses[n])  # ties go to the lower name
-            start, probed = work.candidates[name], probe.flops
+        name, start, probed = self.choose(work)
         upd = local_train(ctx.model, start, ctx.data.clients[work.client].train, work.train, work.prox_mu, work.seed,
                           ctx.pad_id, ctx.flops, client=work.client, task=ctx.task, dpsgd=work.dpsgd)
         return ClientResult(replace(upd, adapter=name), start, probed)
