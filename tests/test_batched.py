@@ -131,3 +131,16 @@ def test_trained_modules_are_routed_per_client(repo):
             assert any(not torch.equal(s.update.state[k], s.start[k]) for k in head)
     finally:
         drv.close()
+
+
+def test_buckets_bound_the_padding_and_keep_every_client_once():
+    from edgelam.fl.batched import buckets
+
+    shapes = [(2, 10), (2, 100), (2, 11), (2, 95), (1, 12), (4, 60)]
+    got = buckets(shapes)
+    assert got == [[0, 2], [4], [5], [3, 1]]  # (1, 12) would pad [0, 2] past 10 %
+    assert sorted(k for b in got for k in b) == list(range(len(shapes)))
+    for b in got:
+        padded = max(shapes[k][1] for k in b) * sum(shapes[k][0] for k in b)
+        assert padded <= 1.1 * sum(n * length for n, length in (shapes[k] for k in b))
+    assert buckets([(1, 64)] * 4) == [[0, 1, 2, 3]]  # equal lengths: one forward

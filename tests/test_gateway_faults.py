@@ -56,4 +56,7 @@ def test_a_block_service_killed_under_concurrent_requests_loses_none(tmp_path) -
         report = runner.report()
     assert [r.status_code for r in answers] == [200] * len(prompts)
     assert sorted(r.json()["choices"][0]["text"] for r in answers) == sorted(want)
-    assert [(f["from"], f["to"]) for f in report["failovers"]] == [("edge1#0", "edge2#1")]
+    # every generation in flight on the killed service failed over to the spare, once (they run at once:
+    # the gateway's --generations); none moved anywhere else
+    moves = [(f["from"], f["to"]) for f in report["failovers"]]
+    assert 1 <= len(moves) <= len(prompts) and set(moves) == {("edge1#0", "edge2#1")}

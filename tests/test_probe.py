@@ -373,7 +373,13 @@ def test_S15_S19_concurrent_sessions_equal_sequential_and_health_stays_quick(ser
     (["--module", "blocks:0:99"], 2, "blocks:0:99 exceeds the model's 4 blocks"),
     (["--module", "blocks:0:2", "--wire-dtype", "int8"], 2, "--wire-dtype must be float32 or float16, got 'int8'"),
     (["--module", "blocks:0:2", "--adapter", "x=missing"], 2, "missing is not a PEFT adapter folder"),
-], ids=["S23-range", "S23-wire-dtype", "S23-adapter"])
+    (["--module", "blocks:0:2", "--threads", "0"], 2, "--threads must be >= 1, got 0"),
+    (["--module", "blocks:0:2", "--cpus", "4096"], 2, "--cpus: cpus [4096] name cores this process cannot use"),
+    (["--module", "blocks:0:2", "--max-batch", "0"], 2, "--max-batch must be >= 1, got 0"),
+    (["--module", "full", "--quantize", "int4"], 2, "--quantize must be int8 (or left out), got 'int4'"),
+    (["--module", "blocks:0:2", "--push-to", "ftp://x"], 2, "--push-to takes service URLs"),
+], ids=["S23-range", "S23-wire-dtype", "S23-adapter", "S23-threads", "S23-cpus", "S23-max-batch", "S23-quantize",
+        "S23-push-to"])
 def test_S23_serve_flags_are_checked(monkeypatch, args: list[str], want: int, words: str) -> None:
     monkeypatch.delenv("EDGELAM_PARENT_PID", raising=False)
     code, stderr, _ = cli("serve", "--model", MODEL, *args)
@@ -424,8 +430,8 @@ GATEWAY_CASES = {  # id: (path, raw body or JSON, words)
     "G3-max_tokens-neg": ("chat", {"messages": HI, "max_tokens": -5}, "max_tokens must be a positive integer"),
     "G3-max_tokens-float": ("chat", {"messages": HI, "max_tokens": 8.0}, "max_tokens must be a positive integer"),
     "G3-n-str": ("chat", {"messages": HI, "n": "1"}, "n must be 1"),
-    "G3-top_p": ("chat", {"messages": HI, "top_p": 0.5}, "only greedy decoding is served: leave top_p out"),
-    "G3-temperature": ("chat", {"messages": HI, "temperature": 0.7}, "set temperature to 0"),
+    "G3-top_p": ("chat", {"messages": HI, "top_p": 0}, "top_p must be a number in (0, 1]"),
+    "G3-temperature": ("chat", {"messages": HI, "temperature": 2.5}, "temperature must be a number between 0 and 2"),
 }
 
 

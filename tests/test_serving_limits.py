@@ -290,7 +290,7 @@ HI = [{"role": "user", "content": "Hi"}]
 @pytest.mark.parametrize("extra,status,message", [
     ({"temperature": "hot"}, 400, "temperature must be a number"),  # G4
     ({"stream": "no"}, 400, "stream must be true or false"),  # G5
-    ({"stop": ["a"]}, 400, "stop sequences are not supported"),  # G6
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be a string or a list of at most 4"),  # G6
     ({"model": "gpt-4"}, 404, "serves 'tiny-varied'"),  # G6
     ({"max_tokens": 100}, 400, "limit of 64"),  # G7
     ({"messages": [{"role": "user", "content": "x" * 1500}]}, 400, "context is 1024 tokens"),  # G8

@@ -211,13 +211,36 @@ def serve_cmd(
     max_concurrent: int = typer.Option(256, "--max-concurrent",  # = limits.DEFAULT_SERVICE_MAX_CONCURRENT
                                        help="most requests in flight (503 with Retry-After above; /health, /ready "
                                             "and /metrics always answer)"),
+    push_to: Optional[list[str]] = typer.Option(None, "--push-to", help="URL of a next-stage service this one may push "
+                                                "its hidden state to (repeatable; infer/push.py)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: one per usable core)"),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="pin the service to these cores, e.g. 0,1 or 0-3"),
+    max_batch: int = typer.Option(32, "--max-batch", help="most concurrent sessions' decode steps run as one batch "
+                                                          "(1: one request at a time)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: the blocks' and LM head's weights in int8 "
+                                                                    "(dynamic quantisation, CPU)"),
 ) -> None:
     """Serve one module of a model over HTTP (FastAPI): /v1/forward, /v1/predict, /health, /ready, /info, /metrics.
     The task (causal LM, classification) and base model come from the adapters' task cards."""
+    from edgelam.infer.threads import parse_cpus, passive_threads
+
+    passive_threads()  # before torch is imported: idle OpenMP workers sleep (infer/threads.py)
     from edgelam.infer.service import serve
 
     def go() -> None:
         adapters = _adapters(adapter or [])
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize must be int8 (or left out), got '{quantize}'")
+        if max_batch < 1:
+            raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        try:
+            pinned = parse_cpus(cpus, "--cpus") if cpus is not None else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if any(not u.startswith(("http://", "https://")) for u in push_to or []):
+            raise ConfigError(f"--push-to takes service URLs such as http://10.0.0.2:8100, got {push_to}")
         _check_port(port)
         require_free_port(host, port)
         if not session_ttl > 0:
@@ -234,7 +257,9 @@ def serve_cmd(
         try:
             serve(model, module, port, host, adapters, session_ttl, wire_dtype, max_request_tokens,
                   int(max_body_mb * 2**20), str(keys) if keys else None, node,
-                  (str(tls_cert), str(tls_key)) if tls_cert and tls_key else None, max_concurrent=max_concurrent)
+                  (str(tls_cert), str(tls_key)) if tls_cert and tls_key else None, max_concurrent=max_concurrent,
+                  push_to=frozenset(push_to or []), threads=threads, cpus=pinned, max_batch=max_batch,
+                  quantize=quantize)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -266,6 +291,9 @@ def infer_cmd(
 ) -> None:
     """Start a topology's services, answer one prompt through them, print per-token timings, stop them
     (`mode: predict`: time a trained predictor per placement against the coherence time)."""
+    from edgelam.infer.threads import passive_threads
+
+    passive_threads()  # the coordinator waits on its services: its idle OpenMP workers must not spin
     _guard(lambda: run_inference(topology, prompt, max_new_tokens, adapter, chat))
 
 
@@ -372,13 +400,19 @@ def gateway_cmd(
     max_concurrent: int = typer.Option(64, "--max-concurrent",  # = limits.DEFAULT_GATEWAY_MAX_CONCURRENT
                                        help="most requests in flight, waiting ones included (503 with Retry-After "
                                             "above; /health always answers)"),
+    generations: int = typer.Option(16, "--generations", help="generations run at once (the services batch their "
+                                                              "decode steps); 1: one at a time"),
 ) -> None:
     """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, streaming) in front of a topology."""
-    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit, api_keys, max_concurrent))
+    from edgelam.infer.threads import passive_threads
+
+    passive_threads()
+    _guard(lambda: run_gateway(topology, port, host, adapter, max_tokens_limit, api_keys, max_concurrent, generations))
 
 
 def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapter: str | None = None,
-                max_tokens_limit: int = 1024, api_keys: Path | None = None, max_concurrent: int = 64) -> None:
+                max_tokens_limit: int = 1024, api_keys: Path | None = None, max_concurrent: int = 64,
+                generations: int = 16) -> None:
     """Start the topology and serve the gateway until SIGINT / SIGTERM; the services stop with it."""
     import uvicorn
 
@@ -392,6 +426,8 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
         raise ConfigError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    if generations < 1:
+        raise ConfigError(f"--generations must be >= 1, got {generations}")
     from edgelam.security.keys import load_api_keys
 
     bearer = load_api_keys(api_keys) if api_keys else None
@@ -400,7 +436,8 @@ def run_gateway(topology: Path, port: int = 8000, host: str = "127.0.0.1", adapt
     ctx = int(getattr(base.model.config, "max_position_embeddings", 0) or 0) or None
     with open_topology(topo, base.model.config, adapter) as runner:
         app_ = create_gateway(runner.stream, base.tokenizer, topo.model, min(topo.max_new_tokens, max_tokens_limit),
-                              max_tokens_limit, ctx, runner.dead, bearer, max_concurrent=max_concurrent)
+                              max_tokens_limit, ctx, runner.dead, bearer, max_concurrent=max_concurrent,
+                              generations=generations)
         console.print(f"gateway for {topo.name} ({topo.mode}) on http://{host}:{port}/v1"
                       + (f" (API keys required: {len(bearer)} from {api_keys})" if bearer else ""))
         uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

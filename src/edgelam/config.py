@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgelam.config_channels import BeamConfig, ChannelConfig
+from edgelam.config_draft import DraftConfig, check_draft
 from edgelam.config_privacy import PrivacyConfig
 from edgelam.config_runtime import ReportConfig, RuntimeConfig, check_runtime
 from edgelam.config_sensing import SensingConfig
@@ -59,7 +60,8 @@ class ModelConfig:
     dtype: str = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
     # what is trained: lora (model.lora's adapters) | full (decoder blocks' own weights, no LoRA;
-    # models/full.py); full_blocks: null = every decoder block and the final norm, a list = those blocks
+    # models/full.py); full_blocks: null = every decoder block and the final norm, a list = those blocks.
+    # Split learning (sfl_v1 | sfl_v2): null = the server's blocks; blocks not trained in full keep LoRA
     train: str = "lora"
     full_blocks: tuple[int, ...] | None = None
 
@@ -293,7 +295,7 @@ class EvalConfig:
 # The task names (tasks/__init__.py TASKS holds the classes; a test keeps the two equal). Config
 # validates against these names and never imports task code.
 TASK_NAMES = ("causal_lm", "classification", "channel_prediction", "beam_prediction", "activity_recognition",
-              "multitask_sensing")
+              "multitask_sensing", "draft_distill")
 CHANNEL_SOURCES = ("cdl",)  # generated CSI (channels/): task channel_prediction
 BEAM_SOURCES = ("deepmimo",)  # DeepMIMO New York (channels/deepmimo.py): task beam_prediction
 SENSING_SOURCES = ("wifi", "wifi_sim")  # Wi-Fi CSI windows (sensing/): task activity_recognition
@@ -317,6 +319,7 @@ class RunConfig:
     channels: ChannelConfig = field(default_factory=ChannelConfig)  # data.source cdl: generated CSI
     beams: BeamConfig = field(default_factory=BeamConfig)  # data.source deepmimo: beam prediction
     sensing: SensingConfig = field(default_factory=SensingConfig)  # data.source wifi | wifi_sim: activities
+    draft: DraftConfig = field(default_factory=DraftConfig)  # task draft_distill: an early-exit speculative draft
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy, secure aggregation, unlearning
     faults: FaultConfig = field(default_factory=FaultConfig)  # injected client drop-outs, stragglers, a full disk
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # where client work runs (local, batched, Ray)
@@ -328,6 +331,8 @@ class RunConfig:
             object.__setattr__(self.eval, "client_heldout", not split)
         self._check_driver_settings(STRATEGY_DRIVERS[self.fl.strategy])
         self._check_task()
+        check_draft(self.draft, self.task, self.fl.strategy, STRATEGY_DRIVERS[self.fl.strategy],
+                    self.runtime.batch_clients, self.privacy.dp.mode)
         self._check_full_training()
         self._check_privacy(STRATEGY_DRIVERS[self.fl.strategy])
         check_runtime(self.runtime, self.task, self.fl.strategy, STRATEGY_DRIVERS[self.fl.strategy])
@@ -364,10 +369,12 @@ class RunConfig:
                      "for task multitask_sensing: per-task heads are aggregated per task by the federated drivers",
                      self.fl.strategy)
             fits = "multitask_sensing"
+        if self.task == "draft_distill" and fits == "causal_lm":  # a draft distils on text, asked for by name
+            fits = "draft_distill"
         _require(self.task == fits, "task", f"does not fit data.source '{self.data.source}': classification trains on "
                  f"{list(CLASSIFICATION_SOURCES)}, channel_prediction on {list(CHANNEL_SOURCES)}, beam_prediction on "
-                 f"{list(BEAM_SOURCES)}, activity_recognition on {list(SENSING_SOURCES)}, causal_lm on text "
-                 f"data; leave task at 'auto' to follow data.source", self.task)
+                 f"{list(BEAM_SOURCES)}, activity_recognition on {list(SENSING_SOURCES)}, causal_lm and draft_distill on "
+                 f"text data; leave task at 'auto' to follow data.source", self.task)
         if self.task != "causal_lm":
             _require(self.eval.generate == 0, "eval.generate", f"applies to task causal_lm only ({self.task} has no "
                      "answers to generate); set it to 0", self.eval.generate)
@@ -393,12 +400,15 @@ class RunConfig:
         s = self.fl.strategy
         _require(s not in FULL_REFUSED, "model.train", f"full cannot run with fl.strategy '{s}': hetlora, flora and "
                  "flexlora truncate, stack or factor LoRA's rank-r factors, and full training has none. Use "
-                 "model.train lora, or fedavg, fedprox, fedavgm, fedadam, fedasync, fedbuff, hierfavg, cfl, ifca or "
-                 "rescluster", "full")
+                 "model.train lora, or fedavg, fedprox, fedavgm, fedadam, fedasync, fedbuff, hierfavg, cfl, ifca, "
+                 "rescluster, sfl_v1 or sfl_v2", "full")
         _require(self.task == "causal_lm", "model.train", f"full applies to task causal_lm (a decoder's blocks); "
                  f"task {self.task} trains LoRA and its own modules. Use model.train lora", "full")
-        _require(s not in SPLIT_STRATEGIES, "model.train", f"full is not implemented for split learning ('{s}'); "
-                 "use model.train lora", "full")
+        cut = self.split.cut
+        if s in SPLIT_STRATEGIES and self.model.full_blocks is None and cut is not None:  # null: the server's blocks
+            _require(cut[0] < cut[1], "model.full_blocks", f"null trains the server's blocks in full, and split.cut "
+                     f"{list(cut)} puts none on the server; list the blocks to train (model.full_blocks: [...]), give "
+                     "the server blocks (split.cut: [a, b] with a < b) or use model.train lora", None)
         _require(self.runtime.batch_clients == 1, "model.train", "full cannot run with runtime.batch_clients > 1: the "
                  "batched executor runs each client's trained copy of a module on its own rows, which holds for heads "
                  "and norms but not for decoder blocks (their attention masks span the whole batch). Set "

@@ -1,29 +1,36 @@
 """The front door: an OpenAI-compatible API in front of any topology (pipeline, speculative, ...).
 
-    POST /v1/chat/completions   {model, messages, max_tokens | max_completion_tokens, stream}
-    POST /v1/completions        {model, prompt, max_tokens, stream}
+    POST /v1/chat/completions   {model, messages, max_tokens | max_completion_tokens, stream, temperature,
+                                 top_p, top_k, seed, stop}
+    POST /v1/completions        {model, prompt, max_tokens, stream, temperature, top_p, top_k, seed, stop}
     GET  /v1/models, /health
 Streaming answers are server-sent events (``data: {chunk}`` ... ``data: [DONE]``) in OpenAI's
 chunk format, so the ``openai`` Python client works unchanged (``base_url=.../v1``). Decoding is
-greedy; a request asking for sampling (temperature > 0, top_p < 1, n > 1) is refused with 400.
+greedy unless ``temperature`` > 0 (absent: 0, or 1 when top_p < 1 or top_k > 0 ask for sampling);
+then the topology samples where the logits are (``sampling.py``), the same ``seed`` giving the same
+text (no seed: a random one). ``top_k`` (not OpenAI's; HF's and vLLM's) is an extra body field. ``stop``
+(``stops.py``) ends the answer before the first stop sequence, finish_reason ``stop``.
 
-Limits and errors: 400 for a malformed request, unsupported ``stop``, ``max_tokens`` above the
-gateway's cap, or a prompt (+ max_tokens) longer than the model's context; 404 for another
-``model``; 413 for a body over 8 MB; 503 when the topology cannot answer (a stream cut mid-way
-ends with an SSE ``error`` event instead of ``[DONE]``); 500 with ``Connection: close`` for
-anything unexpected; 502 when a link to a service fails its integrity check (``IntegrityError``).
+Limits and errors: 400 for a malformed request, an option out of its range (OpenAI's error with
+``param`` naming the field), ``max_tokens`` above the gateway's cap, or a prompt (+ max_tokens)
+longer than the model's context; 404 for another ``model``; 413 for a body over 8 MB; 503 when the
+topology cannot answer (a stream cut mid-way ends with an SSE ``error`` event instead of ``[DONE]``);
+500 with ``Connection: close`` for anything unexpected; 502 when a link to a service fails its integrity check (``IntegrityError``).
 With API keys (``create_gateway(api_keys=...)``, ``edgelam gateway --api-keys FILE``) every request
 but ``/health`` needs ``Authorization: Bearer <key>``: 401 without or malformed, 403 for a wrong key
 (``security/bearer.py``). ``/health`` is 503 ``degraded`` while some module has no live service. More than
 ``--max-concurrent`` requests in flight: 503 with Retry-After (``limits.py``).
-One generation runs at a time; it runs in a worker thread that stops at the next token when
-its client goes away, so a dropped stream frees the topology at once.
+Up to ``generations`` (``edgelam gateway --generations N``, default 16) generations run at once, so the
+services behind see concurrent sessions and batch their decode steps (``batching.py``); more wait
+for a slot. Each runs in a worker thread that stops at the next token when its client goes away,
+so a dropped stream frees its slot at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -38,12 +45,16 @@ from edgelam.infer import openapi
 from edgelam.infer.client import StageDown
 from edgelam.infer.limits import DEFAULT_GATEWAY_MAX_CONCURRENT, ConcurrencyLimit
 from edgelam.infer.modules import ModuleError
+from edgelam.infer.sampling import Sampling
+from edgelam.infer.sampling import check as check_sampling
 from edgelam.infer.service import BodyTooLarge, ErrorGuard, read_limited
+from edgelam.infer.stops import parse_stops, visible
 from edgelam.security.bearer import BearerGuard
 from edgelam.security.mac import IntegrityError
 
-# a backend turns (prompt token ids, max new tokens, eos id) into a stream of token ids
-Backend = Callable[[list[int], int, int | None], Iterator[int]]
+# a backend turns (prompt token ids, max new tokens, eos id[, sampling=Sampling]) into a stream of token ids;
+# greedy requests call it with the first three only
+Backend = Callable[..., Iterator[int]]
 # names of the modules that have no live service left (empty: healthy)
 Health = Callable[[], list[str]]
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -51,9 +62,9 @@ Item = tuple[str, int, str | None]  # (text delta, tokens so far, finish reason 
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.param = status, code, param
 
 
 @dataclass
@@ -65,17 +76,24 @@ class GatewayState:
     max_tokens_limit: int = 1024
     context_tokens: int | None = None  # the model's max_position_embeddings
     health: Health | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)  # a coordinator serves one generation at a time
+    generations: int = 16  # generations at once: the services batch their decode steps (infer/batching.py)
+    slots: threading.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.generations < 1:
+            raise ValueError(f"generations must be >= 1, got {self.generations}")
+        self.slots = threading.Semaphore(self.generations)
 
 
-def openai_error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code}}
+def openai_error(message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     """The status and OpenAI-style error body for a failed request."""
     if isinstance(exc, BadRequest):
-        return exc.status, openai_error(str(exc), code=exc.code)
+        return exc.status, openai_error(str(exc), code=exc.code, param=exc.param)
     if isinstance(exc, BodyTooLarge):
         return 413, openai_error(str(exc))
     if isinstance(exc, StageDown):
@@ -95,29 +113,42 @@ def failure_response(exc: Exception) -> JSONResponse:
 
 # --- request checks ---
 
-def number(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise BadRequest(f"{key} must be a number, got {json.dumps(value)}")
-    return value
+@dataclass(frozen=True)
+class Options:
+    sampling: Sampling | None  # None: greedy
+    stops: tuple[str, ...] = ()
 
 
-def check_options(body: dict[str, Any], model_id: str) -> None:
-    """Greedy decoding only; ``stream`` a boolean; no ``stop``; ``model`` absent or the one served."""
-    if (number(body, "temperature") or 0) > 0:
-        raise BadRequest("only greedy decoding is served: set temperature to 0 (or leave it out)")
-    if number(body, "top_p") not in (None, 1):
-        raise BadRequest("only greedy decoding is served: leave top_p out")
+def check_options(body: dict[str, Any], model_id: str) -> Options:
+    """The decoding options (sampling, stop sequences); ``stream`` a boolean; ``n`` 1; ``model`` absent or
+    the one served. A bad value is a 400 naming the field and its range."""
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise BadRequest("n must be 1")
+        raise BadRequest("n must be 1", param="n")
     if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
-        raise BadRequest(f"stream must be true or false, got {json.dumps(body['stream'])}")
-    if body.get("stop") not in (None, [], ""):
-        raise BadRequest("stop sequences are not supported: leave stop out (generation ends at the model's "
-                         "end-of-sequence token or max_tokens)")
+        raise BadRequest(f"stream must be true or false, got {json.dumps(body['stream'])}", param="stream")
+    try:
+        stops = parse_stops(body.get("stop"))
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="stop") from None
     if body.get("model") not in (None, model_id):
         raise BadRequest(f"the model '{body['model']}' does not exist here; this gateway serves '{model_id}'", 404,
-                         "model_not_found")
+                         "model_not_found", "model")
+    return Options(sampling_of(body), stops)
+
+
+def sampling_of(body: dict[str, Any]) -> Sampling | None:
+    """OpenAI's temperature (0: greedy; absent: greedy, unless top_p < 1 or top_k > 0 ask for sampling at
+    OpenAI's default of 1), top_p, seed (absent: a random one) and the extra top_k."""
+    given = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed") if body.get(k) is not None}
+    for key, value in given.items():
+        problem = check_sampling(key, value)
+        if problem:
+            raise BadRequest(problem, param=key)
+    filtered = given.get("top_p", 1) < 1 or given.get("top_k", 0) > 0
+    temperature = given.get("temperature", 1.0 if filtered else 0)
+    if temperature == 0:
+        return None
+    return Sampling(temperature, given.get("top_p", 1.0), given.get("top_k", 0), given.get("seed", secrets.randbits(63)))
 
 
 def max_new_tokens(body: dict[str, Any], st: GatewayState, prompt_tokens: int) -> int:
@@ -170,35 +201,45 @@ def completion_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
 
 # --- generation ---
 
-def decode(st: GatewayState, ids: list[int], max_new: int, cancel: threading.Event) -> Iterator[Item]:
-    """Text deltas as tokens arrive, under the topology's lock; stops at the next token once ``cancel`` is set."""
+def decode(st: GatewayState, ids: list[int], max_new: int, cancel: threading.Event,
+           opts: Options = Options(None)) -> Iterator[Item]:
+    """Text deltas as tokens arrive, in one of the gateway's generation slots; stops at the next token once ``cancel`` is
+    set, and at the first stop sequence (text that could begin one is held back: ``stops.py``)."""
     eos = st.tokenizer.eos_token_id
     out: list[int] = []
-    text = ""
-    with st.lock:
-        tokens = st.backend(ids, max_new, eos)
+    shown = 0  # characters of the answer sent so far
+    finish = "length"
+    with st.slots:
+        tokens = (st.backend(ids, max_new, eos) if opts.sampling is None
+                  else st.backend(ids, max_new, eos, sampling=opts.sampling))
         try:
             for tok in tokens:
                 if cancel.is_set():
                     return
                 if tok == eos:
-                    yield "", len(out), "stop"
-                    return
+                    finish = "stop"
+                    break
                 out.append(tok)
                 full = st.tokenizer.decode(out, skip_special_tokens=True)
                 if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                     continue
-                delta, text = full[len(text):], full
-                yield delta, len(out), None
+                end, stopped = visible(full, opts.stops)
+                if stopped:
+                    yield full[shown:end], len(out), "stop"
+                    return
+                yield full[shown:end], len(out), None
+                shown = end
         finally:
             getattr(tokens, "close", lambda: None)()  # ends the backend's session now, not at garbage collection
     full = st.tokenizer.decode(out, skip_special_tokens=True)
-    yield full[len(text):], len(out), "length"
+    end, stopped = visible(full, opts.stops, final=True)
+    yield full[shown:end], len(out), "stop" if stopped else finish
 
 
-async def generate(st: GatewayState, ids: list[int], max_new: int) -> AsyncGenerator[Item, None]:
+async def generate(st: GatewayState, ids: list[int], max_new: int, opts: Options = Options(None)
+                   ) -> AsyncGenerator[Item, None]:
     """``decode`` in a worker thread (the services block; the event loop must not). Leaving this
-    iterator early (a client gone, a cancelled task) tells the worker to stop and free the lock."""
+    iterator early (a client gone, a cancelled task) tells the worker to stop and free its slot."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
@@ -210,7 +251,7 @@ async def generate(st: GatewayState, ids: list[int], max_new: int) -> AsyncGener
 
     def work() -> None:
         try:
-            for item in decode(st, ids, max_new, cancel):
+            for item in decode(st, ids, max_new, cancel, opts):
                 put(item)
         except Exception as exc:  # handed to the request, which answers with the right status
             put(exc)
@@ -272,10 +313,10 @@ async def sse(reply: Reply, first: Item, rest: AsyncIterator[Item]) -> AsyncIter
 
 
 async def answer(st: GatewayState, kind: str, body: dict[str, Any], ids: list[int]) -> Any:
-    check_options(body, st.model_id)
+    opts = check_options(body, st.model_id)
     max_new = max_new_tokens(body, st, len(ids))
     reply = Reply(kind, st.model_id)
-    items = generate(st, ids, max_new)
+    items = generate(st, ids, max_new, opts)
     if body.get("stream"):
         try:  # the first token before the headers: an error up to here still gets its own status
             first = await anext(items)
@@ -332,13 +373,13 @@ def models(request: Request) -> dict[str, Any]:
 def create_gateway(backend: Backend, tokenizer: Any, model_id: str, default_max_tokens: int = 64,
                    max_tokens_limit: int = 1024, context_tokens: int | None = None,
                    health_check: Health | None = None, api_keys: dict[str, str] | None = None,
-                   max_concurrent: int = DEFAULT_GATEWAY_MAX_CONCURRENT) -> FastAPI:
+                   max_concurrent: int = DEFAULT_GATEWAY_MAX_CONCURRENT, generations: int = 16) -> FastAPI:
     """The gateway app; ``context_tokens`` (the model's context) bounds prompt + max_tokens, ``health_check``
     names the modules with no live service; ``api_keys`` (name -> key), when given, are the bearer tokens
-    every request but /health must carry."""
+    every request but /health must carry; ``generations``: how many generations run at once."""
     app = FastAPI(title=f"EdgeLAM gateway ({model_id})")
     app.state.gateway = GatewayState(backend, tokenizer, model_id, default_max_tokens, max_tokens_limit,
-                                     context_tokens, health_check)
+                                     context_tokens, health_check, generations)
     app.add_middleware(ConcurrencyLimit, max_concurrent=max_concurrent, flag="edgelam gateway --max-concurrent",
                        render=lambda m: openai_error(m, "service_unavailable", "too_many_requests"))
     app.add_middleware(ErrorGuard, render=lambda m: openai_error(m, "server_error"))

@@ -30,6 +30,8 @@ from types import FrameType
 
 import httpx
 
+from edgelam.infer.threads import WAIT_POLICY
+
 PARENT_ENV = "EDGELAM_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -65,7 +67,7 @@ def start_service(model: str, module: str, node: str, wire_dtype: str = "float32
     cmd = [sys.executable, "-m", "edgelam.cli", "serve", "--model", model, "--module", module, "--port", str(port),
            "--wire-dtype", wire_dtype, *(extra or [])]
     fd, log = tempfile.mkstemp(prefix=f"edgelam-serve-{node}-{port}-", suffix=".log")
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    env = {WAIT_POLICY: "PASSIVE", **os.environ, PARENT_ENV: str(os.getpid())}  # idle workers sleep: infer/threads.py
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd, env=env)
     finally:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from edgelam.infer import sampling
 from edgelam.tasks.serving import load_served
 
 
@@ -184,7 +185,7 @@ class ModuleHost:
             if kind == "embed":
                 return {"hidden": self.embed(ids)}, {}
             out, meta_out = self._blocks(self.embed(ids), meta)
-            return self._head(out["hidden"], meta), meta_out
+            return self._head(out["hidden"], meta, tensors), meta_out
         hidden = tensors.get("hidden")
         if hidden is None or hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size or not hidden.is_floating_point():
             raise ModuleError(f"{kind} expects a float tensor 'hidden' of shape (batch, tokens, {self.hidden_size})")
@@ -195,7 +196,7 @@ class ModuleHost:
             raise ModuleError("'hidden' holds NaN or infinite values")
         self.stats["tokens_total"] += hidden.shape[0] * hidden.shape[1]
         if kind == "head":
-            return self._head(hidden, meta), {}
+            return self._head(hidden, meta, tensors), {}
         return self._blocks(hidden, meta)
 
     def _check_request_tokens(self, tokens: int) -> None:
@@ -208,11 +209,16 @@ class ModuleHost:
             raise ModuleError(f"position {pos} + {tokens} tokens exceeds the model's context of {self.max_positions} "
                               f"positions (max_position_embeddings)", status=413)
 
-    def _head(self, hidden: Tensor, meta: dict[str, Any]) -> dict[str, Tensor]:
+    def _head(self, hidden: Tensor, meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The task's prediction at every position (a decoder's: greedy next token and its
-        probability), the logits on request."""
+        probability), the last rows sampled when ``meta`` asks (``sampling.py``), the logits on request."""
         logits = self.lm_head(self.norm(hidden)).float()
         out = self.task.predict(logits)
+        if meta.get("sampling") is not None:
+            try:
+                out = sampling.at_head(logits, meta["sampling"], tensors, out)
+            except ValueError as exc:
+                raise ModuleError(f"sampling: {exc}") from None
         if meta.get("return_logits"):
             out["logits"] = logits
         return out

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgelam.infer.client import Stage, StageDown, Transport
+from edgelam.infer.sampling import Sampling
 
 
 @dataclass
@@ -58,8 +59,10 @@ class MultiAccess:
         a, b = self.rng.choice(alive, size=2, replace=False)
         return int(a) if (self.load(int(a)), int(a)) <= (self.load(int(b)), int(b)) else int(b)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None, adapter: str | None = None
-               ) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None, adapter: str | None = None,
+               sampling: Sampling | None = None) -> Iterator[int]:
+        """Tokens of one request, greedy or ``sampling`` (drawn by the server with the random number of
+        (seed, position): a replay on another server draws the same)."""
         import time
 
         with self.lock:
@@ -74,9 +77,11 @@ class MultiAccess:
                 server = order[stage.active]
                 self.loads[server].in_flight += 1
                 t = time.perf_counter()
+                meta = {"session": session, "position": pos, "adapter": adapter}
+                if sampling is not None:
+                    meta["sampling"] = sampling.meta(len(seq))
                 try:
-                    out = stage.call({"input_ids": torch.tensor([seq[pos:]])},
-                                     {"session": session, "position": pos, "adapter": adapter}, stateful=True)
+                    out = stage.call({"input_ids": torch.tensor([seq[pos:]])}, meta, stateful=True)
                 finally:
                     self.loads[server].in_flight -= 1
                 now = order[stage.active]

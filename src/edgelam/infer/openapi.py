@@ -40,8 +40,11 @@ GATEWAY_ERRORS = {400: "malformed request or an option this gateway does not ser
                   413: "body over 8 MB", 503: "the topology cannot answer, or too many requests in flight "
                                                 "(edgelam gateway --max-concurrent)"}
 OPTIONS = {"model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-           "stream": {"type": "boolean"}, "temperature": {"type": "number", "minimum": 0, "maximum": 0},
-           "top_p": {"type": "number", "minimum": 1, "maximum": 1}, "n": {"type": "integer", "minimum": 1, "maximum": 1}}
+           "stream": {"type": "boolean"}, "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+           "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
+           "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1},
+           "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}]},
+           "n": {"type": "integer", "minimum": 1, "maximum": 1}}
 MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
     "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}
 CHAT = route(JSON, {"type": "object", "required": ["messages"], "properties": {

@@ -3,7 +3,9 @@
 A decode step sends one hidden vector (hidden_size x bytes per value) through the stages. With
 ``relay="star"`` (EdgeLAM's coordinator: the device sends each stage its input and gets the output
 back) every stage costs a round trip device <-> node; with ``relay="chain"`` (servers pushing to
-the next server) the hops are device -> node_1 -> ... -> node_m -> device. The latency is
+the next server, the last answering the device) the hops are device -> node_1 -> ... -> node_m ->
+device; with ``relay="push"`` (EdgeLAM's pushed chain, ``infer/push.py``: each server answers the one
+that called it) every consecutive pair device, node_1, ..., node_m costs a round trip. The latency is
     sum_i n_i * F_block / F_i                      (compute of n_i blocks on node i)
   + sum_hops (RTT/2 + bytes / rate + overhead)
 subject to n_i * M_block <= memory_i. ``plan`` finds the best ordered set of nodes and ranges by
@@ -41,7 +43,7 @@ class Problem:
     block_bytes: float  # memory of one block (weights + KV budget)
     hop_bytes: float  # hidden_size x bytes per value
     hop_overhead_s: float = 0.0  # per-hop software overhead (serialisation, HTTP)
-    relay: str = "star"  # star: the device relays between stages; chain: node to node
+    relay: str = "star"  # star: the device relays between stages; chain: node to node; push: nested round trips
 
     def link(self, a: str, b: str) -> Link:
         got = self.links.get((a, b)) or self.links.get((b, a))
@@ -59,10 +61,12 @@ class Problem:
         """Network time charged when ``node`` follows ``last`` in the chain (star: its round trip)."""
         if self.relay == "star":
             return self.hop_s(DEVICE, node) + self.hop_s(node, DEVICE)
+        if self.relay == "push":
+            return self.hop_s(last, node) + self.hop_s(node, last)
         return self.hop_s(last, node)
 
     def exit_s(self, last: str) -> float:
-        return 0.0 if self.relay == "star" else self.hop_s(last, DEVICE)
+        return 0.0 if self.relay in ("star", "push") else self.hop_s(last, DEVICE)
 
     def compute_s(self, node: Node, n: int) -> float:
         return n * self.block_flops / node.flops_per_s

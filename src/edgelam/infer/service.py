@@ -38,10 +38,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgelam.infer import openapi
+from edgelam.infer.batching import Batcher
 from edgelam.infer.limits import DEFAULT_SERVICE_MAX_CONCURRENT, ConcurrencyLimit
 from edgelam.infer.modules import DEFAULT_MAX_REQUEST_TOKENS, ModuleError, ModuleHost
+from edgelam.infer.push import Forwarder
 from edgelam.infer.wire import CONTENT_TYPE, WireError, pack, unpack
-from edgelam.security.mac import Envelope, LinkGuard, LinkRefused, bound
+from edgelam.security.mac import Envelope, LinkGuard, LinkRefused, Signer, bound
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_PREDICT_INPUTS = 256
@@ -55,6 +57,9 @@ class ServiceState:
     max_body_bytes: int
     sweep_every_s: float
     guard: LinkGuard | None = None  # None: no keys, requests are not authenticated
+    forwarder: Forwarder | None = None  # runs the module and pushes to the next stage (infer/push.py)
+    threads: dict[str, Any] | None = None  # the thread budget in effect (infer/threads.py)
+    batcher: Batcher | None = None  # the model thread; batches concurrent sessions' decode steps
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -138,7 +143,14 @@ async def forward(request: Request) -> Response:
             raise LinkRefused(403, "the body's session or position differs from the signed X-EdgeLAM-Session / "
                                    "X-EdgeLAM-Position headers")
         # the model runs in a worker thread so health checks stay responsive
-        out, out_meta = await asyncio.to_thread(st.host.forward, tensors, meta)
+        hops = st.forwarder.hops(meta) if st.forwarder is not None else []
+        # the model runs in the service's one model thread (health checks stay responsive; torch's OpenMP pool
+        # belongs to one thread), batched with other sessions' decode steps (infer/batching.py)
+        assert st.batcher is not None
+        out, out_meta = await st.batcher.forward(tensors, meta)
+        if hops and st.forwarder is not None:  # the push waits on the network in another thread: the model
+            # thread takes the next request
+            out, out_meta = await asyncio.to_thread(st.forwarder.push, hops, out, out_meta, meta)
     except LinkRefused as exc:
         return error(exc.status, str(exc))
     except WireError as exc:
@@ -184,7 +196,8 @@ async def predict(request: Request) -> Response:
         body = await read_limited(request, st.max_body_bytes)
         env = st.guard.check("predict", request.headers, body) if st.guard else None
         inputs, adapter, truncate = predict_request(body)
-        answers = await asyncio.to_thread(st.host.predict, inputs, adapter, truncate)
+        assert st.batcher is not None
+        answers = await st.batcher.call(st.host.predict, inputs, adapter, truncate)
     except BodyTooLarge as exc:
         return error(413, f"{exc} (edgelam serve --max-body-mb)", close=True)
     except LinkRefused as exc:
@@ -208,7 +221,10 @@ def ready(request: Request) -> dict[str, Any]:
 
 
 def info(request: Request) -> dict[str, Any]:
-    return state_of(request).host.info()
+    st = state_of(request)
+    return {**st.host.info(), "threads": st.threads, "quantized": getattr(st.host, "quantized", None),
+            "max_batch": st.batcher.max_batch if st.batcher is not None else 1,
+            "push_to": sorted(st.forwarder.allowed) if st.forwarder is not None else []}
 
 
 def metrics(request: Request) -> PlainTextResponse:
@@ -251,11 +267,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(host: ModuleHost, wire_dtype: str = "float32", sweep_every_s: float | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, guard: LinkGuard | None = None,
-               max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT) -> FastAPI:
-    """The service's app; with ``guard`` every POST / DELETE must be signed and answers are signed."""
+               max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT, push_to: frozenset[str] = frozenset(),
+               threads: dict[str, Any] | None = None, max_batch: int = 32) -> FastAPI:
+    """The service's app; with ``guard`` every POST / DELETE must be signed and answers are signed;
+    ``push_to``: the next-stage URLs its forward calls may push to (``infer/push.py``); ``max_batch``: the most
+    decode steps of concurrent sessions run as one batch (1: one request at a time; ``infer/batching.py``)."""
     sweep = sweep_every_s if sweep_every_s is not None else min(5.0, max(host.session_ttl_s / 2, 0.1))
     app = FastAPI(title=f"EdgeLAM module {host.spec}", lifespan=lifespan)
-    app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep, guard)
+    signer = Signer(guard.ring, guard.node) if guard is not None else None
+    forwarder = Forwarder(host, frozenset(u.rstrip("/") for u in push_to), signer, wire_dtype)
+    app.state.service = ServiceState(host, wire_dtype, max_body_bytes, sweep, guard, forwarder, threads,
+                                     Batcher(host, max_batch))
     app.add_middleware(ConcurrencyLimit, max_concurrent=max_concurrent, flag="edgelam serve --max-concurrent")
     app.add_middleware(ErrorGuard, stats=host.stats)  # outside the limit: its 503s are counted too
     app.add_api_route("/health", health, methods=["GET"])
@@ -272,22 +294,33 @@ def serve(model: str | None, module: str, port: int, host: str = "127.0.0.1", ad
           session_ttl_s: float = 300.0, wire_dtype: str = "float32",
           max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS, max_body_bytes: int = MAX_BODY_BYTES,
           keys: str | None = None, node: str | None = None, tls: tuple[str, str] | None = None,
-          max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT) -> None:
+          max_concurrent: int = DEFAULT_SERVICE_MAX_CONCURRENT, push_to: frozenset[str] = frozenset(),
+          threads: int | None = None, cpus: tuple[int, ...] | None = None, max_batch: int = 32,
+          quantize: str | None = None) -> None:
     """Load the module, then serve it until stopped (SIGINT / SIGTERM). ``keys`` (a keyring) and ``node``
-    (this service's name in it) authenticate the links; ``tls`` = (certificate, private key) serves HTTPS."""
+    (this service's name in it) authenticate the links; ``tls`` = (certificate, private key) serves HTTPS;
+    ``push_to``: next-stage URLs it may push to; ``threads`` / ``cpus``: its thread budget; ``quantize``: int8
+    weights for the blocks and LM head (``infer/quantize.py``)."""
     import uvicorn
 
     from edgelam.infer.launch import die_with_parent
     from edgelam.infer.modules import ModuleSpec
+    from edgelam.infer.threads import apply as apply_threads
     from edgelam.security.keys import KeyringError, load_keyring
 
     die_with_parent()  # started by a gateway / `edgelam infer`: never outlive it
+    budget = apply_threads(threads, cpus)
     if (keys is None) != (node is None):
         raise KeyringError("--keys FILE and --node NAME go together (the keyring, and this service's name in it)")
     guard = LinkGuard(load_keyring(keys), node) if keys is not None and node is not None else None
     mod = ModuleHost(model, ModuleSpec.parse(module), adapters, session_ttl_s=session_ttl_s,
                      max_request_tokens=max_request_tokens)
-    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes, guard=guard, max_concurrent=max_concurrent)
+    if quantize is not None:
+        from edgelam.infer.quantize import quantize as quantize_host
+
+        quantize_host(mod, quantize)
+    app = create_app(mod, wire_dtype, max_body_bytes=max_body_bytes, guard=guard, max_concurrent=max_concurrent,
+                     push_to=push_to, threads=budget, max_batch=max_batch)
     # a TLS connection's close waits for the peer's close_notify: bound the graceful shutdown then
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,

@@ -14,9 +14,24 @@ t_d and verification round trip T_v (moving averages of what was measured), the 
 per round are (1 - a^(g+1)) / (1 - a) for g drafts, and gamma maximises that per second of
 g t_d + T_v, over 0..gamma_max (0: no draft, plain upstream decoding).
 
+**With sampling** (``sampling.py``) verification is the rejection rule (Leviathan et al. 2023; Chen
+et al. 2023), so every emitted token is distributed exactly as the target's processed distribution p:
+the device draws each draft x from its q (temperature, top-k, top-p applied; cut to its
+``PROPOSAL_SUPPORT`` most likely tokens as integer weights, sent with the drafts: 8 bytes per kept
+token), the target keeps x with probability min(1, p(x)/q(x)) and draws from norm(max(0, p - q)) at the
+first rejection. A round drafts g + 1 tokens and the target scores the g + 1 positions from the same
+call as the greedy round (its input is unchanged: the tail and the first g drafts), so the token that
+greedy verification takes as a bonus is a drafted and tested one here. Each position's token then
+depends only on (p, q, the seed's three uniforms at that position), never on how the adaptive gamma
+split the answer into rounds: the same seed gives the same tokens whatever the timings.
+
 **Escalation by confidence**: each token is taken from the first tier (device, edge, cloud, ...)
 whose greedy choice has probability >= its threshold; the last tier always answers. Each tier's
-session catches up on the tokens it has not seen when it is next asked.
+session catches up on the tokens it has not seen when it is next asked. With sampling the tiers
+are chosen the same way, by the model's own confidence (its largest probability at temperature 1,
+whatever the request's temperature, top-k or top-p: a hotter request is not sent further up), and
+the token is the one the answering tier drew from its processed distribution (every tier draws with
+the same uniform of (seed, position)).
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgelam.infer.client import Transport
+from edgelam.infer.sampling import Sampling, stack_proposals
 
 
 @dataclass
@@ -41,6 +57,7 @@ class SpecStats:
     verify_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # wall time at which each token was emitted (from start)
     tokens: list[int] = field(default_factory=list)
+    q_bytes: int = 0  # the drafts' q sent to the target with sampling (ids + weights, int32 each)
 
     @property
     def acceptance(self) -> float:
@@ -100,7 +117,7 @@ class Speculative:
         self.draft, self.target, self.gamma, self.adapter = draft, target, gamma or AdaptiveGamma(), adapter
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
-               stats: SpecStats | None = None) -> Iterator[int]:
+               stats: SpecStats | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         st = stats if stats is not None else SpecStats()
@@ -112,16 +129,20 @@ class Speculative:
         try:
             while produced < max_new_tokens:
                 g = min(self.gamma.choose(), max_new_tokens - produced - 1)
-                drafts, d_len, draft_s = self._draft(seq, d_len, g, sd)
-                preds, verify_s = self._verify(seq, t_len, drafts, stg)
-                n = 0
-                while n < g and drafts[n] == preds[n]:
-                    n += 1
-                new = drafts[:n] + [preds[n]]
-                t_len = len(seq) + n  # the target holds seq and the accepted drafts
+                if sampling is None:
+                    drafts, d_len, draft_s = self._draft(seq, d_len, g, sd)
+                    preds, verify_s = self._verify(seq, t_len, drafts, stg)
+                    n = 0
+                    while n < g and drafts[n] == preds[n]:
+                        n += 1
+                    new, drafted = drafts[:n] + [preds[n]], g
+                else:
+                    new, n, d_len, draft_s, verify_s = self._sampled_round(seq, d_len, t_len, g, sd, stg, sampling, st)
+                    drafted = g + 1
+                t_len = len(seq) + min(n, g)  # the target holds seq and the accepted drafts among its inputs
                 d_len = min(d_len, len(seq) + n)
-                self.gamma.observe(g, n, draft_s, verify_s)
-                st.record(g, n, draft_s, verify_s)
+                self.gamma.observe(drafted, n, draft_s, verify_s)
+                st.record(drafted, n, draft_s, verify_s)
                 for tok in new:
                     seq.append(tok)
                     produced += 1
@@ -134,19 +155,41 @@ class Speculative:
             for tr, sid in ((self.draft, sd), (self.target, stg)):
                 tr.close_session(sid)
 
-    def _draft(self, seq: list[int], d_len: int, g: int, session: str) -> tuple[list[int], int, float]:
+    def _draft(self, seq: list[int], d_len: int, g: int, session: str, sampling: Sampling | None = None,
+               proposals: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[list[int], int, float]:
         """g draft tokens, the first call catching the draft up on what it has not seen:
-        (drafts, tokens the draft's cache then holds, seconds)."""
+        (drafts, tokens the draft's cache then holds, seconds). With ``sampling`` each is drawn from the
+        draft's q, appended to ``proposals`` as (ids, weights)."""
         drafts: list[int] = []
         t = time.perf_counter()
         feed, pos = seq[d_len:], d_len
         for _ in range(g):
-            out, _ = self.draft.call({"input_ids": torch.tensor([feed])}, {"session": session, "position": pos,
-                                                                             "adapter": self.adapter})
+            meta = {"session": session, "position": pos, "adapter": self.adapter}
+            if sampling is not None:
+                meta["sampling"] = sampling.meta(pos + len(feed), draw="draft")
+            out, _ = self.draft.call({"input_ids": torch.tensor([feed])}, meta)
             pos += len(feed)
             drafts.append(int(out["token_ids"][0, -1]))
+            if proposals is not None:
+                proposals.append((out["q_ids"][0], out["q_weights"][0]))
             feed = [drafts[-1]]
         return drafts, (pos if g else d_len), time.perf_counter() - t
+
+    def _sampled_round(self, seq: list[int], d_len: int, t_len: int, g: int, sd: str, stg: str, s: Sampling,
+                       st: SpecStats) -> tuple[list[int], int, int, float, float]:
+        """g + 1 drafts from q, verified by the rejection rule at the target (module docstring):
+        (new tokens, drafts kept, tokens the draft's cache holds, draft seconds, verify seconds)."""
+        proposals: list[tuple[torch.Tensor, torch.Tensor]] = []
+        drafts, d_len, draft_s = self._draft(seq, d_len, g + 1, sd, s, proposals)
+        q = stack_proposals(proposals)
+        st.q_bytes += sum(v.numel() * v.element_size() for v in q.values())
+        t = time.perf_counter()
+        tensors = {"input_ids": torch.tensor([seq[t_len:] + drafts[:g]]), "draft_ids": torch.tensor([drafts]), **q}
+        out, _ = self.target.call(tensors, {"session": stg, "position": t_len, "adapter": self.adapter,
+                                            "sampling": s.meta(len(seq) + g, rows=g + 1)})
+        n, resampled = int(out["accepted"][0, 0]), int(out["resampled"][0, 0])
+        new = drafts if n == g + 1 else drafts[:n] + [resampled]
+        return new, n, d_len, draft_s, time.perf_counter() - t
 
     def _verify(self, seq: list[int], t_len: int, drafts: list[int], session: str) -> tuple[list[int], float]:
         """The target's greedy token after seq's last token and after each draft, from one call on its
@@ -157,9 +200,10 @@ class Speculative:
                                                                         "adapter": self.adapter})
         return out["token_ids"][0].tolist()[len(seq) - t_len - 1:], time.perf_counter() - t
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> SpecStats:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+                 sampling: Sampling | None = None) -> SpecStats:
         st = SpecStats()
-        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st):
+        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st, sampling):
             pass
         return st
 
@@ -186,7 +230,7 @@ class Escalation:
         self.tiers, self.thresholds, self.adapter = tiers, thresholds, adapter
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
-               stats: EscalationStats | None = None) -> Iterator[int]:
+               stats: EscalationStats | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         st = stats if stats is not None else EscalationStats([n for n, _ in self.tiers], [0] * len(self.tiers))
         sids = [uuid.uuid4().hex for _ in self.tiers]
         seen = [0] * len(self.tiers)
@@ -194,8 +238,10 @@ class Escalation:
         try:
             for _ in range(max_new_tokens):
                 for i, (_, tr) in enumerate(self.tiers):
-                    out, _ = tr.call({"input_ids": torch.tensor([seq[seen[i]:]])},
-                                     {"session": sids[i], "position": seen[i], "adapter": self.adapter})
+                    meta = {"session": sids[i], "position": seen[i], "adapter": self.adapter}
+                    if sampling is not None:
+                        meta["sampling"] = sampling.meta(len(seq))
+                    out, _ = tr.call({"input_ids": torch.tensor([seq[seen[i]:]])}, meta)
                     seen[i] = len(seq)
                     tok, prob = int(out["token_ids"][0, -1]), float(out["top_prob"][0, -1])
                     if i == len(self.tiers) - 1 or prob >= self.thresholds[i]:
@@ -211,8 +257,9 @@ class Escalation:
             for (_, tr), sid in zip(self.tiers, sids):
                 tr.close_session(sid)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> EscalationStats:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+                 sampling: Sampling | None = None) -> EscalationStats:
         st = EscalationStats([n for n, _ in self.tiers], [0] * len(self.tiers))
-        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st):
+        for _ in self.stream(prompt_ids, max_new_tokens, eos_id, st, sampling):
             pass
         return st

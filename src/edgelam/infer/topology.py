@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,12 @@ from edgelam.infer.launch import (
     wait_ready,
 )
 from edgelam.infer.modules import ModuleHost, ModuleSpec
+from edgelam.infer.threads import Budget, budget_of
 from edgelam.infer.multi_access import MultiAccess
 from edgelam.infer.pipeline import Generation, Pipeline
 from edgelam.infer.placement import Link, Node, Plan, evaluate, plan, problem_for_model
+from edgelam.infer.push import PushChain, check_push, hop_between, pushes, relay_model
+from edgelam.infer.sampling import Sampling
 from edgelam.infer.speculative import (
     AdaptiveGamma,
     Escalation,
@@ -67,8 +70,8 @@ from edgelam.models.split import is_encoder
 from edgelam.security.keys import load_keyring
 from edgelam.security.mac import Signer
 
-__all__ = ["RUNNERS", "Runner", "Service", "Topology", "free_port", "load_topology", "open_topology", "start_service",
-           "stop_services", "wait_ready"]
+__all__ = ["RUNNERS", "Runner", "Service", "Topology", "device_draft", "free_port", "load_topology", "open_topology",
+           "start_service", "stop_services", "wait_ready"]
 LINK_EMULATION = "transport shaping (each call waits RTT/2 + bytes/rate each way; tc netem needs CAP_NET_ADMIN)"
 
 
@@ -87,12 +90,13 @@ class Topology:
     hop_overhead_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     keys: str | None = None  # a keyring: authenticated links (None: plain HTTP as before)
+    budgets: dict[str, Budget] = field(default_factory=dict)  # node -> its services' threads / cpus
 
 
 ALLOWED = {"name", "model", "mode", "nodes", "links", "placement", "replicas", "max_new_tokens", "wire_dtype",
            "emulate_links", "hop_overhead_ms", "keys"}
 DEVICE = "device"  # the coordinator's node name in a keyring
-MODE_KEYS = {"pipeline": set(), "speculative": {"target", "draft", "draft_model", "gamma", "gamma_max"},
+MODE_KEYS = {"pipeline": {"push"}, "speculative": {"target", "draft", "draft_model", "draft_adapter", "gamma", "gamma_max"},
              "escalation": {"tiers"}, "multi_access": {"servers", "seed"}, "predict": PREDICT_KEYS}
 
 
@@ -131,6 +135,23 @@ def _check_speculative(extra: dict[str, Any], names: set[str], where: str) -> No
     if extra.get("gamma", "adaptive") != "adaptive":
         _number(extra, "gamma", 0, 0, where, integer=True)
     _number(extra, "gamma_max", 8, 1, where, integer=True)
+    if extra.get("draft_adapter") is not None:
+        _check_draft_adapter(extra["draft_adapter"], ModuleSpec.parse(str(extra.get("draft", "full"))), where)
+
+
+def _check_draft_adapter(folder: Any, spec: ModuleSpec, where: str) -> None:
+    """A PEFT folder; a trained draft's (task draft_distill) exit layer must be the draft's K."""
+    from edgelam.tasks.serving import read_card
+
+    if not isinstance(folder, str) or not folder:
+        raise ConfigError(f"{where}: draft_adapter must be the path of a PEFT adapter folder (a draft_distill run's adapter/)")
+    try:
+        card = read_card(Path(folder))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: draft_adapter: {exc}") from None
+    if card is not None and card["task"] == "draft_distill" and (spec.kind, spec.end) != ("full", card["exit_layer"]):
+        raise ConfigError(f"{where}: draft_adapter {folder} is a draft trained to exit after block {card['exit_layer']}: "
+                          f"set draft: \"full:{card['exit_layer']}\" (got draft: {spec})")
 
 
 def _check_escalation(extra: dict[str, Any], names: set[str], where: str) -> None:
@@ -156,7 +177,7 @@ def _check_multi_access(extra: dict[str, Any], names: set[str], where: str) -> N
 
 
 MODE_CHECKS: dict[str, Callable[[dict[str, Any], set[str], str], None]] = {
-    "pipeline": lambda extra, names, where: None, "speculative": _check_speculative,
+    "pipeline": check_push, "speculative": _check_speculative,
     "escalation": _check_escalation, "multi_access": _check_multi_access, "predict": check_predict}
 
 
@@ -203,7 +224,14 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
                     _number(data, "replicas", 1, 1, where, integer=True),
                     _number(data, "max_new_tokens", 16, 1, where, integer=True), str(data.get("wire_dtype", "float32")),
                     bool(data.get("emulate_links", True)), _number(data, "hop_overhead_ms", 0.0, 0, where), extra,
-                    _check_keys(data, mode, [n.name for n in nodes], where))
+                    _check_keys(data, mode, [n.name for n in nodes], where), _budgets(data, where))
+
+
+def _budgets(data: dict[str, Any], where: str) -> dict[str, Budget]:
+    try:
+        return {str(n["name"]): budget_of(n, f"{where}, node {n['name']}") for n in data["nodes"]}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_keys(data: dict[str, Any], mode: str, nodes: list[str], where: str) -> str | None:
@@ -242,7 +270,8 @@ def parse_link(ln: dict[str, Any], where: str = "link") -> Link:
 
 def make_plan(topo: Topology, model_config: Any) -> Plan:
     bpv = 2 if topo.wire_dtype == "float16" else 4
-    prob = problem_for_model(model_config, topo.nodes, topo.links, bytes_per_value=bpv, hop_overhead_s=topo.hop_overhead_ms / 1e3)
+    prob = problem_for_model(model_config, topo.nodes, topo.links, bytes_per_value=bpv, hop_overhead_s=topo.hop_overhead_ms / 1e3,
+                             relay=relay_model(topo))
     if topo.placement is None:
         return plan(prob)
     ranges = sorted(((n, a, b) for n, (a, b) in topo.placement.items()), key=lambda r: r[1])
@@ -264,7 +293,8 @@ def build_pipeline(topo: Topology, pl: Plan, services: list[Service], adapter: s
         cands = [remote(topo, s, f"{s.node}#{i}")
                  for i, s in enumerate(svc for svc in services if svc.module == f"blocks:{a}:{b}")]
         stages.append(Stage(f"blocks {a}..{b - 1} ({node})", cands))
-    return Pipeline(embed, stages, head, adapter)
+    chain = PushChain(stages, hop_between(topo, services)) if pushes(topo, pl) else None
+    return Pipeline(embed, stages, head, adapter, chain)
 
 
 def link_to(topo: Topology, node: str) -> LinkShaper | None:
@@ -283,9 +313,10 @@ def remote(topo: Topology, svc: Service, name: str | None = None) -> HttpTranspo
 
 @dataclass
 class Runner:
-    """A launched topology: ``stream(ids, max_new, eos)`` yields tokens; ``report()`` says what happened."""
+    """A launched topology: ``stream(ids, max_new, eos, sampling=None)`` yields tokens (greedy, or sampled as
+    ``sampling.Sampling`` says); ``report()`` says what happened."""
 
-    stream: Callable[[list[int], int, int | None], Iterator[int]]
+    stream: Callable[..., Iterator[int]]
     report: Callable[[], dict[str, Any]]
     services: list[Service]
     plan: Plan | None = None
@@ -298,9 +329,12 @@ class Runner:
 
 # --- one Runner builder per mode: start the services into ``services``, build the coordinator ---
 
-def start(topo: Topology, module: str, node: str, services: list[Service]) -> Service:
+def start(topo: Topology, module: str, node: str, services: list[Service],
+          push_to: Sequence[Service] = ()) -> Service:
+    """Start ``module`` on ``node`` with the node's thread budget, allowed to push to ``push_to``."""
     keys = ["--keys", topo.keys, "--node", node] if topo.keys else []
-    svc = start_service(topo.model, module, node, topo.wire_dtype, extra=keys)
+    extra = [*keys, *topo.budgets.get(node, Budget()).args(), *(f"--push-to={s.url}" for s in push_to)]
+    svc = start_service(topo.model, module, node, topo.wire_dtype, extra=extra)
     services.append(svc)  # appended at once: stopped on exit even if a later start fails
     return svc
 
@@ -308,43 +342,88 @@ def start(topo: Topology, module: str, node: str, services: list[Service]) -> Se
 def pipeline_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
     pl = make_plan(topo, model_config)
     names = [n.name for n in topo.nodes]
-    for node, a, b in pl.ranges:
-        for i in range(topo.replicas):
-            # replica i of a range sits on the i-th next node: a spare survives its primary's node leaving
-            start(topo, f"blocks:{a}:{b}", names[(names.index(node) + i) % len(names)], services)
+    push, after = pushes(topo, pl), list[Service]()
+    for node, a, b in reversed(pl.ranges):  # the last range first: each range may push to the next one's services
+        here = [start(topo, f"blocks:{a}:{b}", names[(names.index(node) + i) % len(names)], services,
+                      after if push else [])
+                for i in range(topo.replicas)]  # replica i on the i-th next node: a spare survives its primary's node
+        after = here
+    services.sort(key=lambda s: int(s.module.split(":")[1]))  # plan order again (stable: replicas keep theirs)
     wait_ready(services)
     pipe = build_pipeline(topo, pl, services, adapter)
-    last: dict[str, Generation] = {}
+    last: dict[str, Any] = {}
+    failovers: list[dict[str, Any]] = []  # every generation's, in the order they ended
 
-    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-        last["gen"] = Generation(len(ids))
-        yield from pipe.stream(ids, n, eos, last["gen"])
+    def stream(ids: list[int], n: int, eos: int | None, sampling: Sampling | None = None) -> Iterator[int]:
+        gen, own = Generation(len(ids)), pipe.fork()  # concurrent generations: each its own stage state
+        last["gen"], last["pipe"] = gen, own
+        try:
+            yield from own.stream(ids, n, eos, gen, sampling)
+        finally:
+            failovers.extend(gen.failovers)
+            for st, mine in zip(pipe.stages(), own.stages()):  # services found dead stay dead for later generations
+                st.dead = st.dead | mine.dead
+                if st.active in st.dead and mine.active not in st.dead:
+                    st.active = mine.active
 
     def report() -> dict[str, Any]:
-        gen = last.get("gen")
-        return {"stages": [t.stages for t in gen.timings] if gen else [], "failovers": gen.failovers if gen else []}
+        gen, own = last.get("gen"), last.get("pipe")
+        return {"stages": [t.stages for t in gen.timings] if gen else [], "failovers": list(failovers),
+                "push_hops": own.chain.hops if own is not None and own.chain else []}
 
     return Runner(stream, report, services, pl)
+
+
+class PinnedAdapter:
+    """A transport whose every call runs ``adapter``, whatever adapter the caller names: the device's
+    trained draft, while the topology's ``adapter`` goes to the target."""
+
+    def __init__(self, inner: Transport, adapter: str) -> None:
+        self.inner, self.adapter = inner, adapter
+        self.name, self.stats = inner.name, inner.stats
+
+    def call(self, tensors: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.inner.call(tensors, {**meta, "adapter": self.adapter})
+
+    def close_session(self, session: str) -> None:
+        self.inner.close_session(session)
+
+
+DRAFT_ADAPTER = "draft"  # the name the device's draft host loads ``draft_adapter`` under
+
+
+def device_draft(model: str, spec: str, adapter: str | None = None) -> Transport:
+    """The device's draft in process: module ``spec`` of ``model``, with the PEFT folder ``adapter``
+    (a draft_distill run's; None: the untrained early exit) used on every call."""
+    if adapter is None:
+        return LocalTransport(ModuleHost(model, ModuleSpec.parse(spec)), "device")
+    try:
+        host = ModuleHost(model, ModuleSpec.parse(spec), {DRAFT_ADAPTER: adapter})
+    except ValueError as exc:
+        raise ConfigError(f"draft_adapter {adapter}: {exc}") from None
+    return PinnedAdapter(LocalTransport(host, "device"), DRAFT_ADAPTER)
 
 
 def speculative_runner(topo: Topology, model_config: Any, adapter: str | None, services: list[Service]) -> Runner:
     node = topo.extra["target"]["node"]
     target = [start(topo, "full", node, services) for _ in range(topo.replicas)][0]
+    # the draft loads here while the target's service starts
+    draft = device_draft(str(topo.extra.get("draft_model", topo.model)), str(topo.extra.get("draft", "full")),
+                         topo.extra.get("draft_adapter"))
     wait_ready(services)
-    draft_host = ModuleHost(str(topo.extra.get("draft_model", topo.model)), ModuleSpec.parse(str(topo.extra.get("draft", "full"))))
     gamma = topo.extra.get("gamma", "adaptive")
     ctrl = AdaptiveGamma(gamma_max=int(topo.extra.get("gamma_max", 8)), fixed=None if gamma == "adaptive" else int(gamma))
-    spec = Speculative(LocalTransport(draft_host, "device"), remote(topo, target, node), ctrl, adapter)
+    spec = Speculative(draft, remote(topo, target, node), ctrl, adapter)
     stats: dict[str, SpecStats] = {}
 
-    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+    def stream(ids: list[int], n: int, eos: int | None, sampling: Sampling | None = None) -> Iterator[int]:
         stats["last"] = SpecStats()
-        yield from spec.stream(ids, n, eos, stats["last"])
+        yield from spec.stream(ids, n, eos, stats["last"], sampling)
 
     def report() -> dict[str, Any]:
         st = stats.get("last")
         return {} if st is None else {"rounds": st.rounds, "drafted": st.drafted, "accepted": st.accepted,
-                                      "acceptance": st.acceptance, "gammas": st.gammas}
+                                      "acceptance": st.acceptance, "gammas": st.gammas, "q_bytes": st.q_bytes}
 
     return Runner(stream, report, services)
 
@@ -361,9 +440,9 @@ def escalation_runner(topo: Topology, model_config: Any, adapter: str | None, se
     esc = Escalation(tiers, [float(t["threshold"]) for t in topo.extra["tiers"][:-1]], adapter)
     stats: dict[str, EscalationStats] = {}
 
-    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+    def stream(ids: list[int], n: int, eos: int | None, sampling: Sampling | None = None) -> Iterator[int]:
         stats["last"] = EscalationStats([name for name, _ in tiers], [0] * len(tiers))
-        yield from esc.stream(ids, n, eos, stats["last"])
+        yield from esc.stream(ids, n, eos, stats["last"], sampling)
 
     def report() -> dict[str, Any]:
         st = stats.get("last")
@@ -378,8 +457,8 @@ def multi_access_runner(topo: Topology, model_config: Any, adapter: str | None, 
     wait_ready(services)
     ma = MultiAccess([remote(topo, s) for s in services], seed=int(topo.extra.get("seed", 0)))
 
-    def stream(ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-        yield from ma.stream(ids, n, eos, adapter)
+    def stream(ids: list[int], n: int, eos: int | None, sampling: Sampling | None = None) -> Iterator[int]:
+        yield from ma.stream(ids, n, eos, adapter, sampling)
 
     def report() -> dict[str, Any]:
         return {"routes": [services[i].node for i in ma.routes], "failovers": ma.failovers,

@@ -9,11 +9,17 @@ Each segment is an ``nn.Module`` holding references to the base model's own laye
 copied), so ``torch.func.functional_call`` can run it with any device's or server copy's trainable
 tensors: many LoRA copies share one frozen base model. Composing the three segments is the
 unsplit model; ``tests/test_split.py`` checks the gradients against the Hugging Face forward pass.
+
+``model.train: full`` (``build_split(train="full")``): the server's blocks (or ``model.full_blocks``)
+train their own weights as PEFT ``modules_to_save`` copies and the other blocks keep LoRA
+(``models/full.attach_split_full``); a segment holds PEFT's wrappers, so its trainable tensors are
+the copies' weights, and nothing else here changes. That wraps a fresh base model, never the
+cached one: PEFT's ``unload`` leaves the trained copies in place of the originals.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -25,7 +31,8 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from edgelam.config import ConfigError, LoraConfig
 from edgelam.models.flops import FlopModel, module_flop_model
-from edgelam.models.load import ModelLoadError, base_seed, byte_tokenizer, load_base
+from edgelam.models.full import attach_split_full, split_full_blocks
+from edgelam.models.load import BaseModel, ModelLoadError, base_seed, byte_tokenizer, fresh_base, load_base
 from edgelam.models.lora import attach_lora
 
 Params = dict[str, Tensor]
@@ -257,7 +264,11 @@ class SplitModel:
         n_layers = len(getattr(mod, "layers"))
         heads = self.peft.base_model.model.config.num_attention_heads
         head_dim = getattr(self.peft.base_model.model.config, "head_dim", None) or self.hidden // heads
-        return module_flop_model(mod, n_layers, heads * head_dim)
+        fm = module_flop_model(mod, n_layers, heads * head_dim)
+        upstream = {"front": (), "middle": ("front",), "back": ("front", "middle")}[segment]
+        if any(self.trainable(s) for s in upstream):  # the gradient runs through the whole segment to them
+            return replace(fm, no_grad_macs=0, no_grad_layers=0)
+        return fm
 
     def load_into_model(self, state: Params) -> None:
         """Copy a device- or server-side state into the shared modules (to save or evaluate with HF code)."""
@@ -278,11 +289,17 @@ def _backbone(peft: Any) -> Any:
 
 
 def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, num_classes: int,
-                embedding_lora: bool, seed: int, dtype: str = "float32") -> SplitModel:
-    """Load ``model_name``, attach LoRA (seeded) and cut it at ``cut`` = (a, b): the server runs blocks [a, b)."""
+                embedding_lora: bool, seed: int, dtype: str = "float32", *, train: str = "lora",
+                full_blocks: tuple[int, ...] | None = None, base: BaseModel | None = None) -> SplitModel:
+    """Load ``model_name``, attach LoRA (seeded) and cut it at ``cut`` = (a, b): the server runs blocks [a, b).
+    ``train`` "full" (a decoder): blocks ``full_blocks`` (None: [a, b)) train in full, LoRA stays on the
+    others. ``base``: the decoder already loaded (a fresh copy for "full", wrapped in place)."""
     decoder = not is_encoder(model_name)
+    if train == "full" and not decoder:
+        raise ConfigError(f"model.train full trains a decoder's blocks; '{model_name}' is an encoder. Use model.train lora")
     if decoder:
-        base = load_base(model_name, dtype, base_seed(model_name, seed))
+        # full: a fresh copy, since PEFT's unload leaves the trained blocks in place of the originals
+        base = base or (fresh_base if train == "full" else load_base)(model_name, dtype, base_seed(model_name, seed))
         model, tok = base.model, base.tokenizer
         backbone_pre: Any = model.model
         embed_name = "embed_tokens"
@@ -294,7 +311,9 @@ def build_split(model_name: str, lora: LoraConfig, cut: tuple[int, int] | None, 
     a, b = _check_cut(cut, n_layers)
     targets = tuple(lora.target_modules) + ((embed_name,) if embedding_lora else ())
     settings = LoraConfig(lora.r, lora.alpha, lora.dropout, targets)
-    peft: Any = attach_lora(model, settings, seed=seed, task_type="CAUSAL_LM" if decoder else None)
+    task_type = "CAUSAL_LM" if decoder else None
+    peft: Any = (attach_split_full(model, split_full_blocks((a, b), full_blocks), settings, seed, task_type)
+                 if train == "full" else attach_lora(model, settings, seed=seed, task_type=task_type))
     backbone = _backbone(peft)
     del backbone_pre
     arch = _Arch(backbone, decoder)
@@ -342,6 +361,6 @@ def build_parts_split(task: Any, base: nn.Module, tokenizer: Any, lora: LoraConf
 
 def unload(sm: SplitModel) -> None:
     """Give the shared base model back without LoRA layers (the base is cached per process; a
-    task's own model is wrapped around a fresh copy, dropped with the run)."""
+    task's own model and model.train full wrap a fresh copy, dropped with the run)."""
     if sm.parts is None:
         sm.peft.unload()

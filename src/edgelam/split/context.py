@@ -4,12 +4,14 @@ will train, and from their shapes the exact bytes, FLOPs and the scheduler's per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 
 from edgelam.config import ConfigError, RunConfig
 from edgelam.fl.client import batches, num_local_steps
+from edgelam.models.load import BaseModel
 from edgelam.models.split import SplitModel, build_parts_split, build_split
 from edgelam.net import channel
 from edgelam.net.topology import Topology, place_devices
@@ -42,9 +44,12 @@ def setup_split(cfg: RunConfig) -> SplitContext:
     ts = setup_task(cfg)  # the task's own set-up rejects a model of the wrong kind before loading it
     if hasattr(ts.task, "split_parts"):  # the task's own input module and head (channel, beam prediction)
         sm = build_parts_split(ts.task, ts.base, ts.tokenizer, cfg.model.lora, cfg.split.cut, cfg.seed)
-    else:
+    else:  # model.train full: the task loaded a fresh decoder for it (wrapped in place); lora: the cached one
+        full = cfg.model.train == "full"
         sm = build_split(cfg.model.name, cfg.model.lora, cfg.split.cut, len(classes_of(ts.task)),
-                         cfg.split.embedding_lora, cfg.seed, cfg.model.dtype)
+                         cfg.split.embedding_lora, cfg.seed, cfg.model.dtype, train=cfg.model.train,
+                         full_blocks=cfg.model.full_blocks,
+                         base=BaseModel(cast(PreTrainedModel, ts.base), ts.tokenizer, cfg.model.name) if full else None)
     clients: list[list[Any]] = [c.train for c in ts.data.clients]
     test = [e for xs in ts.data.global_eval.values() for e in xs[: cfg.eval.max_per_task]]
     bs = cfg.eval.batch_size

@@ -95,9 +95,11 @@ class Side:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         self.opt.step()
         self.sched.step()
+        self.zero()  # SFL-V1 holds a server copy per device; with full server blocks their gradients add up
 
     def state(self) -> Params:
-        return {f"{seg}.{n}": t.detach().clone() for seg, ps in self.parts.items() for n, t in ps.items()}
+        """The trained tensors, detached (not copied: the side is done with them after the round)."""
+        return {f"{seg}.{n}": t.detach() for seg, ps in self.parts.items() for n, t in ps.items()}
 
 
 @dataclass
