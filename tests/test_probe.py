@@ -363,7 +363,8 @@ def test_S15_S19_concurrent_sessions_equal_sequential_and_health_stays_quick(ser
         slowest = max(slowest, time.perf_counter() - t0)
     for t in threads:
         t.join()
-    assert all(torch.equal(a, b) for i in range(len(hs)) for a, b in zip(results[i], sequential[i]))
+    # concurrent decode steps share a forward (infer/batching.py): equal to float tolerance, not bit for bit
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for i in range(len(hs)) for a, b in zip(results[i], sequential[i]))
     assert slowest < 2.0
 
 
