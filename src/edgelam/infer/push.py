@@ -95,12 +95,6 @@ class Forwarder:
             raise ModuleError(f"push: only block modules push their hidden state (this is {self.host.spec})")
         return hops
 
-    def forward(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Check, run the module, push (in one thread; the service splits compute and push)."""
-        hops = self.hops(meta)
-        out, out_meta = self.host.forward(tensors, meta)
-        return self.push(hops, out, out_meta, meta)
-
     def push(self, hops: list[Hop], out: dict[str, Tensor], out_meta: dict[str, Any],
              meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Send the module's output ``out`` to the first of ``hops`` (the rest go along) and return what came
@@ -130,13 +124,13 @@ class Forwarder:
 
     def _take(self, hop: Hop) -> HttpTransport:
         """A transport used by one request at a time (its stats then measure exactly this call)."""
+        link = LinkShaper(hop.rtt_s, hop.rate_bps) if hop.rtt_s or hop.rate_bps else None
         with self.lock:
             free = self.pool.setdefault(hop.url, [])
             if free:
                 tr = free.pop()
-                tr.link = LinkShaper(hop.rtt_s, hop.rate_bps) if hop.rtt_s or hop.rate_bps else None
+                tr.link = link
                 return tr
-        link = LinkShaper(hop.rtt_s, hop.rate_bps) if hop.rtt_s or hop.rate_bps else None
         return HttpTransport(hop.url, hop.node or hop.url, link, wire_dtype=self.wire_dtype, signer=self.signer,
                              peer=(hop.node or None) if self.signer else None)
 
@@ -154,7 +148,6 @@ class PushChain:
     hop: Callable[[Any, Any], Hop]
     active: bool = True
     hops: list[dict[str, Any]] = field(default_factory=list)  # measured server-to-server hops
-    fallbacks: list[dict[str, Any]] = field(default_factory=list)
 
     def call(self, hidden: Tensor, meta: dict[str, Any]) -> Tensor:
         """The last stage's hidden state; ``StageDown`` / ``SessionLost`` mean: relay instead."""
@@ -163,10 +156,6 @@ class PushChain:
         out, out_meta = trs[0].call({"hidden": hidden}, {**meta, "push": push})
         self.hops.extend(out_meta.get("push_hops", []))
         return out["hidden"]
-
-    def fall_back(self, reason: str, position: int) -> None:
-        self.active = False
-        self.fallbacks.append({"reason": reason, "position": position})
 
 
 # --- topologies (``push: auto | true | false`` in a pipeline topology) ---
